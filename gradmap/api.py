@@ -1,0 +1,199 @@
+"""The GradMAP pipeline, top to bottom: calibration → scores → removal → compensation → evaluation → save."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .checkpoint import json_writer, save_checkpoint
+from .compensation import CompensationResult, check_mode, compensate
+from .data import Calibration
+from .evaluation import perplexity
+from .models import validate_model
+from .pruning import Selection, resolve_target, select_iterative
+from .report import environment, plot_scores
+from .scoring import check_metric
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METRIC = "taylor"
+DEFAULT_COMPENSATION = "every-gap"
+REPORT_FILE = "gradmap_report.json"
+PLOT_FILE = "gradmap_scores.png"
+
+
+@dataclass
+class PruneResult:
+    """Outcome of :func:`prune`.
+
+    Attributes:
+        model: the pruned (and compensated) model; a new object unless ``inplace=True``.
+        removed: removed decoder layers, ORIGINAL indices (0-based in the dense model), in removal order.
+        kept: original index of each remaining layer, in order.
+        selection: per-step scores (original index → score) and timings.
+        compensation: stage-2 shifts, fits and notes.
+        perplexity: ``{"dense"|"pruned"|"compensated": Perplexity-dict}`` when evaluation tokens were given.
+        timings: seconds per stage (``scoring``, ``compensation``, ``evaluation``, ``total``).
+        settings: the arguments of the run; ``calibration``: how the calibration set was made.
+    """
+
+    model: nn.Module
+    removed: list[int]
+    kept: list[int]
+    selection: Selection
+    compensation: CompensationResult
+    perplexity: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+    calibration: dict = field(default_factory=dict)
+
+    def report(self) -> dict:
+        """JSON-ready report: removed layers (original indices), scores per step, shifts, fits, timings, PPLs, seed,
+        calibration spec and package versions."""
+        comp = self.compensation
+        return {
+            "method": "gradmap",
+            "settings": self.settings,
+            "calibration": self.calibration,
+            "num_layers_dense": len(self.kept) + len(self.removed),
+            "removed_layers": sorted(self.removed),
+            "removal_order": list(self.removed),
+            "kept_layers": list(self.kept),
+            "steps": [{"step": s.step, "removed": s.removed, "seconds": s.seconds,
+                       "scores": {str(k): v for k, v in s.scores.items()}} for s in self.selection.steps],
+            "compensation": {"mode": comp.mode, "seconds": comp.seconds, "notes": comp.notes,
+                             "mean_shift": {str(k): v for k, v in comp.shifts.items()},
+                             "relative_mean_shift": {str(k): v for k, v in comp.relative_shifts.items()},
+                             "fits": [asdict(f) for f in comp.fits]},
+            "perplexity": self.perplexity,
+            "timings": self.timings,
+            "environment": environment(),
+        }
+
+    def save(self, output_dir: str | Path, tokenizer=None, *, overwrite: bool = False) -> Path:
+        """Save the pruned model, tokenizer, ``gradmap_report.json`` and ``gradmap_scores.png`` atomically.
+
+        The directory loads with plain ``transformers`` (``AutoModelForCausalLM.from_pretrained``), no gradmap needed.
+
+        Raises:
+            FileExistsError: ``output_dir`` exists and ``overwrite`` is false (see :mod:`gradmap.checkpoint`).
+        """
+        report = self.report()
+        extra = {REPORT_FILE: json_writer(report)}
+        if report["steps"]:
+            extra[PLOT_FILE] = lambda p: plot_scores(report["steps"], p, f"{self.settings.get('metric')} scores")
+        return save_checkpoint(self.model, tokenizer, output_dir, overwrite=overwrite, extra=extra)
+
+
+class _EvalMode:
+    """Put a model in eval mode for the duration, restoring its previous mode."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.was_training = model, model.training
+
+    def __enter__(self):
+        self.model.eval()
+
+    def __exit__(self, *exc):
+        self.model.train(self.was_training)
+
+
+def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None = None, ratio: float | None = None,
+          metric: str = DEFAULT_METRIC, compensate_mode: str = DEFAULT_COMPENSATION, ridge: float | None = None,
+          protected: list[int] | tuple[int, ...] = (), micro_batch: int = 8, eval_tokens: torch.Tensor | None = None,
+          eval_seqlen: int = 1024, eval_max_tokens: int | None = None, seed: int = 0, inplace: bool = False,
+          progress: bool = False) -> PruneResult:
+    """Remove ``num_layers`` (or ``ratio`` of the) decoder layers with GradMAP and repair the model.
+
+    Stage 1 (arXiv 2602.14649 Sec. 3): iteratively score all remaining layers with one forward + backward and drop the
+    lowest (:mod:`gradmap.scoring`). Stage 2: measure the hidden-state mean shift of every kept layer against the dense
+    model and fold closed-form projections into ``down_proj`` (:mod:`gradmap.compensation`).
+
+    Args:
+        model: a ``transformers`` causal LM of a supported family (:mod:`gradmap.adapters`).
+        calibration: calibration windows (:func:`gradmap.data.build_calibration`).
+        num_layers / ratio: how many layers to remove (exactly one; ratio rounds half up).
+        metric: stage-1 metric, one of :data:`gradmap.scoring.METRICS`.
+        compensate_mode: ``"none"``, ``"max-shift"`` or ``"every-gap"``.
+        ridge: relative ridge for stage 2 (``None``: chosen on held-out calibration windows).
+        protected: original layer indices never removed.
+        micro_batch: calibration windows per forward/backward.
+        eval_tokens: LongTensor ``[num_tokens]`` of test text; when given, PPL of the dense, pruned and compensated
+            model is measured (``eval_seqlen`` tokens per window, first ``eval_max_tokens`` tokens).
+        seed: seeds torch before the run (the calibration windows carry their own seed).
+        inplace: prune ``model`` itself; by default ``model`` is left bit-identical and a copy is pruned.
+
+    Returns:
+        :class:`PruneResult`.
+
+    Raises:
+        ValueError: unknown metric or compensation mode, a bad target (see
+            :func:`gradmap.pruning.resolve_target`), calibration windows longer than the model's maximum, a model
+            on the meta device or quantized, or non-finite scores / Gram matrices.
+    """
+    check_metric(metric)
+    check_mode(compensate_mode)
+    validate_model(model)
+    adapter = get_adapter(model)
+    n_dense = len(adapter.layers(model))
+    target = resolve_target(n_dense, num_layers, ratio, protected)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and calibration.seqlen > limit:
+        raise ValueError(f"calibration: seqlen {calibration.seqlen} exceeds the model's maximum {limit}")
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch: must be >= 1, got {micro_batch}")
+    torch.manual_seed(seed)
+    settings = {"num_layers": target, "ratio": ratio, "metric": metric, "compensate": compensate_mode,
+                "ridge": ridge, "protected": sorted(int(p) for p in protected), "micro_batch": micro_batch,
+                "seed": seed, "eval_seqlen": eval_seqlen, "eval_max_tokens": eval_max_tokens}
+    timings: dict[str, float] = {}
+    ppl: dict[str, dict] = {}
+    start = time.perf_counter()
+
+    def evaluate(name: str, m: nn.Module) -> None:
+        if eval_tokens is None:
+            return
+        t0 = time.perf_counter()
+        with _EvalMode(m):
+            ppl[name] = perplexity(m, eval_tokens, seqlen=eval_seqlen, max_tokens=eval_max_tokens,
+                                   progress=progress).as_dict()
+        timings["evaluation"] = timings.get("evaluation", 0.0) + time.perf_counter() - t0
+        logger.info("PPL %s: %.3f", name, ppl[name]["ppl"])
+
+    evaluate("dense", model)
+    needs_dense = compensate_mode != "none"
+    if inplace:
+        dense = copy.deepcopy(model) if needs_dense else None
+        work = model
+    else:
+        dense = model if needs_dense else None
+        work = copy.deepcopy(model)
+    work.eval()
+
+    # Stage 1: iterative scoring and removal.
+    kept = list(range(n_dense))
+    selection = select_iterative(work, calibration, target, metric=metric, protected=protected,
+                                 micro_batch=micro_batch, progress=progress, kept=kept)
+    kept = [i for i in range(n_dense) if i not in set(selection.removed)]
+    timings["scoring"] = selection.seconds
+    evaluate("pruned", work)
+
+    # Stage 2: projection compensation.
+    comp = CompensationResult(mode=compensate_mode)
+    if needs_dense:
+        with _EvalMode(dense):
+            comp = compensate(dense, work, kept, calibration, mode=compensate_mode, ridge=ridge,
+                              micro_batch=micro_batch, progress=progress)
+        timings["compensation"] = comp.seconds
+        evaluate("compensated", work)
+    timings["total"] = time.perf_counter() - start
+    return PruneResult(model=work, removed=list(selection.removed), kept=kept, selection=selection,
+                       compensation=comp, perplexity=ppl, timings=timings, settings=settings,
+                       calibration=dict(calibration.spec))

@@ -1,0 +1,89 @@
+"""Writing the pruned checkpoint atomically: a temporary directory beside the target, renamed into place.
+
+An exception or a kill at any point leaves either the previous state of ``output_dir`` or the complete new one, never
+a half-written checkpoint (only a hidden ``.<name>.tmp-*`` directory may remain after a hard kill; it is never read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Validate ``output_dir`` before any work is done.
+
+    Raises:
+        FileExistsError: if it exists and ``overwrite`` is false.
+        NotADirectoryError: if it exists as a file.
+        PermissionError: if its parent cannot be created or written.
+    """
+    path = Path(output_dir).expanduser().absolute()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"output_dir: {str(path)!r} exists and is not a directory")
+        if not overwrite:
+            raise FileExistsError(f"output_dir: {str(path)!r} already exists; pass overwrite=True (--overwrite) "
+                                  "to replace it")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PermissionError(f"output_dir: cannot create parent directory {str(parent)!r}: {exc}") from exc
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"output_dir: parent directory {str(parent)!r} is not writable")
+    return path
+
+
+def save_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike, *, overwrite: bool = False,
+                    extra: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """Save ``model`` (``save_pretrained``, safetensors) and ``tokenizer`` to ``output_dir`` atomically.
+
+    Args:
+        extra: file name → writer called with the full path inside the temporary directory (report JSON, plots).
+
+    Returns:
+        The absolute output path.
+
+    Raises:
+        FileExistsError / NotADirectoryError / PermissionError: see :func:`check_output_dir`. Any error while
+        writing is re-raised after the temporary directory is removed; an existing ``output_dir`` is then untouched.
+    """
+    path = check_output_dir(output_dir, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    backup = None
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, writer in (extra or {}).items():
+            writer(tmp / name)
+        if path.exists():
+            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, backup / "old")
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if backup is not None and (backup / "old").exists() and not path.exists():
+            os.replace(backup / "old", path)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return path
+
+
+def json_writer(data: dict) -> Callable[[Path], None]:
+    """Writer for :func:`save_checkpoint` ``extra`` that dumps ``data`` as indented JSON."""
+
+    def write(target: Path) -> None:
+        target.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
+
+    return write

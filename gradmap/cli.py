@@ -1,0 +1,207 @@
+"""Command line: ``gradmap prune | score | eval``.
+
+    gradmap prune --ratio 0.25 --output pruned-smollm2            # default model (SmolLM2-135M), Wikipedia text
+    gradmap score --model ./my-llama --metric taylor               # one scoring pass, every layer's score
+    gradmap eval --model pruned-smollm2 --text wiki.test.raw       # perplexity of any model directory
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+
+log = logging.getLogger("gradmap")
+
+
+def _protected(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--protected: expected comma-separated layer indices, got {value!r}")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="local Hugging Face model directory, or 'default' (bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", default="wiki",
+                   help="calibration text: 'wiki' (bundled Wikipedia, calibration split) or a UTF-8 text file")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--micro-batch", type=int, default=8, help="windows per forward/backward (default 8)")
+
+
+def _eval_args(p: argparse.ArgumentParser, prefix: str = "eval-") -> None:
+    p.add_argument(f"--{prefix}text", default="wiki",
+                   help="evaluation text: 'wiki' (bundled Wikipedia, test split) or a UTF-8 text file")
+    p.add_argument(f"--{prefix}seqlen", type=int, default=1024, help="tokens per window (default 1024)")
+    p.add_argument(f"--{prefix}tokens", type=int, default=32768,
+                   help="evaluate the first N tokens (default 32768; 0 = all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gradmap`` argument parser (subcommands prune, score, eval)."""
+    from .compensation import MODES
+    from .scoring import METRICS
+    from .api import DEFAULT_COMPENSATION, DEFAULT_METRIC
+
+    parser = argparse.ArgumentParser(prog="gradmap", description="GradMAP layer pruning for causal LLMs "
+                                     "(gradient metric + projection compensation, arXiv 2602.14649)")
+    parser.add_argument("--version", action="version", version=f"gradmap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="remove decoder layers, compensate, evaluate, save")
+    _common(p)
+    _calib_args(p)
+    _eval_args(p)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--num-layers", type=int, help="number of decoder layers to remove")
+    target.add_argument("--ratio", type=float, help="fraction of decoder layers to remove, in (0, 1)")
+    p.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS, help=f"stage-1 metric (default {DEFAULT_METRIC})")
+    p.add_argument("--compensate", default=DEFAULT_COMPENSATION, choices=MODES,
+                   help=f"stage-2 compensation (default {DEFAULT_COMPENSATION})")
+    p.add_argument("--ridge", type=float, default=None,
+                   help="relative ridge for stage 2 (default: chosen on held-out calibration windows)")
+    p.add_argument("--protected", type=_protected, default=[], help="comma-separated layer indices never removed")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--output", required=True, help="output directory for the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    s = sub.add_parser("score", help="one scoring pass: every decoder layer's score")
+    _common(s)
+    _calib_args(s)
+    s.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS)
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text")
+    _common(e)
+    _eval_args(e, prefix="")
+    e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default seqlen)")
+    e.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _setup(args) -> None:
+    import torch
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _load(args):
+    from .models import load_model
+
+    log.info("loading model %s", args.model)
+    return load_model(args.model, dtype=args.dtype, device=args.device)
+
+
+def _calibration(args, model, tokenizer):
+    from .data import build_calibration, load_text
+
+    text = load_text(args.text, "calibration")
+    return build_calibration(tokenizer, text, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                             source=args.text, max_length=getattr(model.config, "max_position_embeddings", None))
+
+
+def cmd_prune(args) -> int:
+    """``gradmap prune``: the whole pipeline; prints the PPL table and where the checkpoint went."""
+    from .api import prune
+    from .checkpoint import check_output_dir
+    from .data import load_text, tokenize
+    from .models import parse_dtype, resolve_model_path
+
+    parse_dtype(args.dtype)
+    check_output_dir(args.output, args.overwrite)  # fail before any long work
+    load_text(args.text, "calibration") if args.text != "wiki" else None
+    if not args.no_eval and args.eval_text != "wiki":
+        load_text(args.eval_text, "test")
+    resolve_model_path(args.model)
+    model, tokenizer = _load(args)
+    calibration = _calibration(args, model, tokenizer)
+    eval_ids = None if args.no_eval else tokenize(tokenizer, load_text(args.eval_text, "test"))
+    result = prune(model, calibration, num_layers=args.num_layers, ratio=args.ratio, metric=args.metric,
+                   compensate_mode=args.compensate, ridge=args.ridge, protected=args.protected,
+                   micro_batch=args.micro_batch, eval_tokens=eval_ids, eval_seqlen=args.eval_seqlen,
+                   eval_max_tokens=args.eval_tokens or None, seed=args.seed, inplace=True,
+                   progress=not args.quiet)
+    result.settings.update(model=str(args.model), dtype=args.dtype, text=args.text, eval_text=args.eval_text)
+    path = result.save(args.output, tokenizer, overwrite=args.overwrite)
+    print()
+    print(f"removed layers (original indices): {sorted(result.removed)}  (removal order {result.removed})")
+    if result.perplexity:
+        print(f"{'model':<12} {'layers':>6} {'PPL':>9} {'tokens':>8} {'tok/s':>8}")
+        for name, r in result.perplexity.items():
+            layers = len(result.kept) + (len(result.removed) if name == "dense" else 0)
+            print(f"{name:<12} {layers:>6} {r['ppl']:>9.3f} {r['tokens']:>8} {r['tokens_per_s']:>8.0f}")
+    t = result.timings
+    print("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    for note in result.compensation.notes:
+        print(f"stage 2 note: {note}")
+    print(f"checkpoint: {path}  (report: {path / 'gradmap_report.json'})")
+    return 0
+
+
+def cmd_score(args) -> int:
+    """``gradmap score``: one scoring pass over the calibration set, every layer's score."""
+    from .scoring import layer_scores
+
+    model, tokenizer = _load(args)
+    calibration = _calibration(args, model, tokenizer)
+    scores, stats = layer_scores(model, calibration, args.metric, micro_batch=args.micro_batch,
+                                 progress=not args.quiet)
+    order = sorted(range(len(scores)), key=lambda i: float(scores[i]))
+    if args.json:
+        print(json.dumps({"metric": args.metric, "scores": scores.tolist(), "order": order,
+                          "seconds": stats.seconds, "tokens": stats.tokens}))
+        return 0
+    print(f"{'layer':>5} {'score':>14} {'rank':>5}")
+    rank = {layer: r for r, layer in enumerate(order)}
+    for i, s in enumerate(scores.tolist()):
+        print(f"{i:>5} {s:>14.6g} {rank[i]:>5}")
+    print(f"{args.metric}: {stats.tokens} tokens in {stats.seconds:.1f} s; removal order {order}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """``gradmap eval``: perplexity of a model on a text."""
+    from .data import load_text, tokenize
+    from .evaluation import perplexity
+
+    model, tokenizer = _load(args)
+    ids = tokenize(tokenizer, load_text(args.text, "test"))
+    r = perplexity(model, ids, seqlen=args.seqlen, stride=args.stride, max_tokens=args.tokens or None,
+                   progress=not args.quiet)
+    if args.json:
+        print(json.dumps(r.as_dict()))
+    else:
+        print(f"PPL {r.ppl:.3f} on {r.tokens} tokens (seqlen {r.seqlen}, stride {r.stride}, "
+              f"{r.tokens_per_s:.0f} tok/s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``gradmap`` command; returns the exit status (2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    _setup(args)
+    try:
+        return {"prune": cmd_prune, "score": cmd_score, "eval": cmd_eval}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as exc:
+        print(f"gradmap {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

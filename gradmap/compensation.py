@@ -1,0 +1,288 @@
+"""Stage 2 of GradMAP: measure the hidden-state mean shift, fit a projection in closed form, fold it into ``down_proj``.
+
+GradMAP (arXiv 2602.14649, Sec. 3, stage 2) finds the layer whose hidden states drift most from the dense model after
+pruning and corrects the drift with one projection matrix, reparameterised into that layer's down projection, so the
+result keeps the plain architecture.
+
+Alignment. The pruned model keeps the dense layers with original indices ``kept = [k_0 < k_1 < ...]``. The output of
+kept layer ``k_p`` in the pruned model is compared with the dense hidden state at the same depth of computation: the
+dense state after the removed block that follows it, i.e. the dense input of layer ``k_{p+1}`` (= the dense output of
+layer ``k_{p+1} - 1``); for the last kept layer, the dense output of the last layer ``L - 1``. With no removed block
+after ``k_p``, this is simply the dense output of layer ``k_p``.
+
+Mean shift of kept layer p: :math:`\\frac{1}{N}\\sum_t \\|\\hat h_t - h^*_t\\|_2` over the N real (unpadded) calibration
+tokens; the relative shift divides each term by :math:`\\|h^*_t\\|_2`.
+
+Fit (target as in ReplaceMe, arXiv 2505.02819 Eq. 4). With :math:`M` the down-projection output of layer p, :math:`X`
+its output hidden state and :math:`Y = h^*`, folding :math:`W_{down} \\leftarrow T^\\top W_{down}` turns the layer output
+into :math:`X - M + M T`; so :math:`T = \\arg\\min \\|M T - (Y - X + M)\\|^2 + \\alpha\\|T\\|^2`, solved by
+:func:`gradmap.projection.solve_ridge` with :math:`\\alpha = \\lambda\\,\\mathrm{mean}(\\mathrm{diag}(M^\\top M))`.
+
+Safety: λ is chosen on held-out calibration windows among ``RIDGE_GRID`` (or fixed by the user), always against "no
+fold"; a fold is kept only if it lowers the held-out loss, otherwise the layer is left as it was and the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, get_adapter
+from .data import Calibration
+from .projection import fold_projection_, gram_accumulate_, solve_ridge
+from .scoring import lm_loss_sum
+
+logger = logging.getLogger(__name__)
+
+MODES = ("none", "max-shift", "every-gap")
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def check_mode(mode: str) -> str:
+    """Return ``mode`` if it is one of :data:`MODES`; else raise ``ValueError`` naming them."""
+    if mode not in MODES:
+        raise ValueError(f"compensate: {mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+class _Stop(Exception):
+    pass
+
+
+def aligned_dense_layer(kept: list[int], position: int, num_dense_layers: int) -> int:
+    """Original index of the dense layer whose OUTPUT is aligned with kept layer ``position``'s output.
+
+    That is ``kept[position + 1] - 1`` (the dense input of the next kept layer), or ``num_dense_layers - 1`` for the
+    last kept layer.
+    """
+    return (kept[position + 1] if position + 1 < len(kept) else num_dense_layers) - 1
+
+
+def gap_positions(kept: list[int], num_dense_layers: int) -> list[int]:
+    """Positions of kept layers that are directly followed by a removed block (one per gap).
+
+    A removed block at the very start (layer 0 removed) has no kept layer before it and is not listed.
+    """
+    return [p for p in range(len(kept)) if aligned_dense_layer(kept, p, num_dense_layers) != kept[p]]
+
+
+def _capture(model: nn.Module, adapter: Adapter, ids, mask, outputs: dict[int, None], down_of: int | None = None,
+             stop_after: int | None = None) -> dict:
+    """Run ``model`` once (no grad) and return the outputs of layers ``outputs`` (current positions) and, if
+    ``down_of`` is given, the down-projection output of that layer under key ``"down"``. The forward stops after
+    layer ``stop_after`` (default: the deepest requested layer), so no logits are computed."""
+    layers = adapter.layers(model)
+    if stop_after is None:
+        stop_after = max(outputs)
+    got: dict = {}
+    handles = []
+
+    def out_hook(i):
+        def hook(module, args, output):
+            got[i] = (output[0] if isinstance(output, tuple) else output).detach()
+            if i == stop_after:
+                raise _Stop
+        return hook
+
+    for i in set(outputs) | {stop_after}:
+        handles.append(layers[i].register_forward_hook(out_hook(i)))
+    if down_of is not None:
+        handles.append(adapter.down_proj(layers[down_of]).register_forward_hook(
+            lambda m, a, o: got.__setitem__("down", o.detach())))
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+def mean_shifts(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration: Calibration, *,
+                micro_batch: int = 8) -> tuple[list[float], list[float]]:
+    """Mean and relative mean shift of every kept layer's output against its aligned dense hidden state.
+
+    Returns:
+        ``(shift, relative_shift)``: lists of floats, one per kept layer (position order), in hidden-state units.
+    """
+    da, pa = get_adapter(dense), get_adapter(pruned)
+    n_dense = len(da.layers(dense))
+    aligned = [aligned_dense_layer(kept, p, n_dense) for p in range(len(kept))]
+    abs_sum = torch.zeros(len(kept), dtype=torch.float64)
+    rel_sum = torch.zeros(len(kept), dtype=torch.float64)
+    tokens = 0
+    for ids, mask in calibration.batches(micro_batch):
+        real = mask.bool().flatten()
+        d_out = _capture(dense, da, ids, mask, dict.fromkeys(aligned))
+        p_out = _capture(pruned, pa, ids, mask, dict.fromkeys(range(len(kept))))
+        for p in range(len(kept)):
+            target = d_out[aligned[p]].flatten(0, 1)[real.to(d_out[aligned[p]].device)].double()
+            diff = p_out[p].flatten(0, 1)[real.to(p_out[p].device)].double() - target
+            dist = diff.norm(dim=-1)
+            abs_sum[p] += dist.sum().cpu()
+            rel_sum[p] += (dist / target.norm(dim=-1).clamp_min(1e-12)).sum().cpu()
+        tokens += int(real.sum())
+    return (abs_sum / tokens).tolist(), (rel_sum / tokens).tolist()
+
+
+def heldout_loss(model: nn.Module, calibration: Calibration, micro_batch: int = 8) -> float:
+    """Mean next-token cross-entropy (nats/token) of ``model`` on ``calibration`` (no grad)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in calibration.batches(micro_batch):
+            loss, n = lm_loss_sum(model, ids, mask)
+            total += float(loss)
+            count += n
+    return total / max(count, 1)
+
+
+def fit_projection(dense: nn.Module, pruned: nn.Module, kept: list[int], position: int, calibration: Calibration, *,
+                   micro_batch: int = 8) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stream the Gram statistics for kept layer ``position``: ``G = MᵀM`` and ``C = Mᵀ(Y − X + M)`` in fp64.
+
+    Returns:
+        ``(G, C, tokens)``: fp64 ``[d, d]`` tensors on the model's device and the number of real tokens used.
+    """
+    da, pa = get_adapter(dense), get_adapter(pruned)
+    n_dense = len(da.layers(dense))
+    aligned = aligned_dense_layer(kept, position, n_dense)
+    d = pa.down_proj(pa.layers(pruned)[position]).out_features
+    device = next(pruned.parameters()).device
+    G = torch.zeros(d, d, dtype=torch.float64, device=device)
+    C = torch.zeros(d, d, dtype=torch.float64, device=device)
+    tokens = 0
+    for ids, mask in calibration.batches(micro_batch):
+        real = mask.bool().flatten().to(device)
+        y = _capture(dense, da, ids, mask, {aligned: None})[aligned]
+        got = _capture(pruned, pa, ids, mask, {position: None}, down_of=position)
+        m = got["down"].flatten(0, 1)[real]
+        x = got[position].flatten(0, 1)[real]
+        y = y.flatten(0, 1)[real.to(y.device)].to(device)
+        gram_accumulate_(G, C, m, (y.double() - x.double() + m.double()))
+        tokens += int(real.sum())
+    return G, C, tokens
+
+
+@dataclass
+class LayerFit:
+    """Outcome of compensating one kept layer (original index ``layer``)."""
+
+    layer: int
+    position: int
+    aligned_dense_layer: int
+    ridge: float | None
+    heldout_loss_before: float
+    heldout_loss_after: float
+    candidates: dict[str, float]
+    applied: bool
+    tokens: int
+    seconds: float
+    note: str = ""
+
+
+@dataclass
+class CompensationResult:
+    """Stage-2 report: shifts of every kept layer (original index → value), the fits, and the time (seconds)."""
+
+    mode: str
+    shifts: dict[int, float] = field(default_factory=dict)
+    relative_shifts: dict[int, float] = field(default_factory=dict)
+    fits: list[LayerFit] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration: Calibration, *,
+               mode: str = "every-gap", ridge: float | None = None, holdout: int | None = None,
+               micro_batch: int = 8, progress: bool = False) -> CompensationResult:
+    """Run stage 2 on ``pruned`` IN PLACE (``dense`` is only read).
+
+    Args:
+        dense: the unpruned model (same weights as before pruning).
+        pruned: the pruned working model; its down projections are updated.
+        kept: original index of each layer of ``pruned``.
+        calibration: calibration windows; the last ``holdout`` windows select λ and guard against harm, the rest
+            feed the Gram matrices.
+        mode: ``"none"``, ``"max-shift"`` (only the kept layer with the largest mean shift) or ``"every-gap"`` (the
+            kept layer before each removed block, shallow to deep, each fit seeing the earlier folds).
+        ridge: relative ridge λ; ``None`` chooses from :data:`RIDGE_GRID` on the held-out windows.
+        holdout: held-out windows (default: max(1, nsamples // 8)).
+
+    Returns:
+        :class:`CompensationResult`.
+
+    Raises:
+        ValueError: unknown mode, negative ridge, or fewer than 2 calibration windows when compensating.
+    """
+    check_mode(mode)
+    if ridge is not None and ridge < 0:
+        raise ValueError(f"ridge: must be >= 0, got {ridge}")
+    start = time.perf_counter()
+    result = CompensationResult(mode=mode)
+    if mode == "none":
+        return result
+    if calibration.nsamples < 2:
+        raise ValueError("calibration: stage 2 needs at least 2 windows (one is held out); raise nsamples")
+    holdout = holdout or max(1, calibration.nsamples // 8)
+    fit_set, held = calibration.split(holdout)
+    shifts, rel = mean_shifts(dense, pruned, kept, fit_set, micro_batch=micro_batch)
+    result.shifts = dict(zip(kept, shifts))
+    result.relative_shifts = dict(zip(kept, rel))
+    n_dense = len(get_adapter(dense).layers(dense))
+    if mode == "max-shift":
+        positions = [max(range(len(kept)), key=lambda p: shifts[p])]
+    else:
+        positions = gap_positions(kept, n_dense)
+        if kept[0] != 0:
+            result.notes.append(f"layers 0..{kept[0] - 1} removed at the start: no kept layer before them to fold into")
+    adapter = get_adapter(pruned)
+    base_loss = heldout_loss(pruned, held, micro_batch)
+    for position in tqdm(positions, desc="compensating", disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        G, C, tokens = fit_projection(dense, pruned, kept, position, fit_set, micro_batch=micro_batch)
+        down = adapter.down_proj(adapter.layers(pruned)[position])
+        original_w = down.weight.detach().clone()
+        original_b = down.bias.detach().clone() if down.bias is not None else None
+        candidates: dict[str, float] = {"none": base_loss}
+        best = ("none", base_loss, None)
+        for lam in ((ridge,) if ridge is not None else RIDGE_GRID):
+            try:
+                T = solve_ridge(G, C, lam)
+            except torch.linalg.LinAlgError:
+                candidates[f"{lam:g}"] = float("nan")
+                continue
+            fold_projection_(down.weight, T, down.bias)
+            loss = heldout_loss(pruned, held, micro_batch)
+            candidates[f"{lam:g}"] = loss
+            if loss < best[1]:
+                best = (f"{lam:g}", loss, T)
+            with torch.no_grad():
+                down.weight.copy_(original_w)
+                if original_b is not None:
+                    down.bias.copy_(original_b)
+        applied = best[2] is not None
+        note = ""
+        if applied:
+            fold_projection_(down.weight, best[2], down.bias)
+        else:
+            note = "no ridge lowered the held-out loss: fold skipped, layer left unchanged"
+            result.notes.append(f"layer {kept[position]}: {note}")
+        fit = LayerFit(layer=kept[position], position=position,
+                       aligned_dense_layer=aligned_dense_layer(kept, position, n_dense),
+                       ridge=float(best[0]) if applied else None, heldout_loss_before=base_loss,
+                       heldout_loss_after=best[1], candidates=candidates, applied=applied, tokens=tokens,
+                       seconds=time.perf_counter() - t0, note=note)
+        result.fits.append(fit)
+        logger.info("stage 2: layer %d -> held-out loss %.4f -> %.4f (ridge %s)%s", fit.layer, base_loss, best[1],
+                    best[0], "" if applied else " [skipped]")
+        base_loss = best[1]
+    result.seconds = time.perf_counter() - start
+    return result

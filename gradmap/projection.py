@@ -1,0 +1,85 @@
+"""Closed-form projection for stage 2: streamed Gram matrices, the ridge solve, and the fold into ``down_proj``.
+
+These are the PyTorch reference implementations of the stage-2 inner loops (the custom C++/CUDA ops replace
+:func:`gram_accumulate_` and :func:`fold_projection_` when built).
+
+Problem (GradMAP stage 2, arXiv 2602.14649 Sec. 3; closed form as in ReplaceMe, arXiv 2505.02819 Eq. 4): find
+:math:`T \\in \\mathbb{R}^{d\\times d}` minimising :math:`\\|M T - R\\|_F^2 + \\alpha \\|T\\|_F^2`, where the rows of
+:math:`M` are the down-projection outputs of the compensated layer and the rows of :math:`R` the targets, over all
+calibration tokens. The minimiser is :math:`T = (M^\\top M + \\alpha I)^{-1} M^\\top R`, computed from the Gram matrix
+:math:`G = M^\\top M` and the cross term :math:`C = M^\\top R`, accumulated in fp64 one micro-batch at a time (memory
+independent of the token count).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gram_accumulate_(G: torch.Tensor, C: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> None:
+    """In place: ``G += XᵀX`` and ``C += XᵀY``, accumulated in ``G``'s dtype (fp64 recommended).
+
+    Args:
+        G: ``[d, d]`` fp64/fp32 accumulator.
+        C: ``[d, e]`` accumulator of the same dtype as ``G``.
+        X: ``[tokens, d]`` activations (fp32/fp16/bf16).
+        Y: ``[tokens, e]`` targets.
+
+    Raises:
+        ValueError: on mismatched shapes.
+    """
+    if X.dim() != 2 or Y.dim() != 2 or X.shape[0] != Y.shape[0]:
+        raise ValueError(f"X, Y: need [tokens, d] and [tokens, e], got {tuple(X.shape)} and {tuple(Y.shape)}")
+    if G.shape != (X.shape[1], X.shape[1]) or C.shape != (X.shape[1], Y.shape[1]):
+        raise ValueError(f"G, C: need [{X.shape[1]}, {X.shape[1]}] and [{X.shape[1]}, {Y.shape[1]}], "
+                         f"got {tuple(G.shape)} and {tuple(C.shape)}")
+    Xa = X.to(G.dtype)
+    G.addmm_(Xa.T, Xa)
+    C.addmm_(Xa.T, Y.to(C.dtype))
+
+
+def solve_ridge(G: torch.Tensor, C: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Solve ``(G + αI) T = C`` with ``α = ridge · mean(diag(G))`` (ridge relative to the mean Gram diagonal).
+
+    Args:
+        G: ``[d, d]`` symmetric PSD Gram matrix (fp64).
+        C: ``[d, e]`` cross term.
+        ridge: relative ridge strength λ ≥ 0.
+
+    Returns:
+        ``T``: ``[d, e]`` fp64.
+
+    Raises:
+        ValueError: if ``G`` or ``C`` holds NaN/inf (overflowed activations), or ``ridge`` < 0.
+        torch.linalg.LinAlgError: if ``G + αI`` is singular (use a larger ridge).
+    """
+    if ridge < 0:
+        raise ValueError(f"ridge: must be >= 0, got {ridge}")
+    if not (torch.isfinite(G).all() and torch.isfinite(C).all()):
+        raise ValueError("Gram matrix holds NaN/inf: activations overflowed (use bfloat16 or float32, not float16)")
+    G64, C64 = G.double(), C.double()
+    alpha = ridge * float(torch.diagonal(G64).mean())
+    A = G64 + alpha * torch.eye(G64.shape[0], dtype=G64.dtype, device=G64.device)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        return torch.cholesky_solve(C64, L)
+    return torch.linalg.solve(A, C64)
+
+
+def fold_projection_(weight: torch.Tensor, T: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Fold ``T`` into a linear layer in place: ``W ← Tᵀ W`` (and ``b ← Tᵀ b``), so ``y T = x (TᵀW)ᵀ + Tᵀ b``.
+
+    nn.Linear convention ``y = x Wᵀ + b`` with ``W: [out, in]``; ``T: [out, out]``. Computed in fp64 (fp32-or-better
+    accumulation) and written back in the weight's dtype into the same storage.
+
+    Raises:
+        ValueError: if the shapes do not match.
+    """
+    if T.dim() != 2 or T.shape[0] != T.shape[1] or T.shape[0] != weight.shape[0]:
+        raise ValueError(f"T: need [{weight.shape[0]}, {weight.shape[0]}] for weight {tuple(weight.shape)}, "
+                         f"got {tuple(T.shape)}")
+    with torch.no_grad():
+        T64 = T.to(device=weight.device, dtype=torch.float64)
+        weight.copy_((T64.T @ weight.double()).to(weight.dtype))
+        if bias is not None:
+            bias.copy_((T64.T @ bias.double()).to(bias.dtype))

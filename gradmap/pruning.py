@@ -1,0 +1,113 @@
+"""Iterative layer selection (GradMAP stage 1 schedule): score, drop the least important layer, re-score.
+
+Each decision costs one forward + one backward over the calibration set (arXiv 2602.14649, Sec. 3, stage 1).
+Layers are reported by their ORIGINAL indices (0-based, position in the dense model) throughout.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .adapters import get_adapter
+from .data import Calibration
+from .removal import remove_layers
+from .scoring import layer_scores
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_target(num_layers_total: int, num_layers: int | None = None, ratio: float | None = None,
+                   protected: list[int] | tuple[int, ...] = ()) -> int:
+    """Number of decoder layers to remove, from exactly one of ``num_layers`` or ``ratio``.
+
+    ``ratio`` is rounded half up: ``floor(ratio * L + 0.5)`` (30 layers at 0.25 → 8).
+
+    Raises:
+        ValueError: if both or neither are given; ``num_layers`` not in [1, L-1]; ``ratio`` not in (0, 1) or rounding
+            to 0 or L; a protected index out of range; or too few unprotected layers to reach the target.
+    """
+    if (num_layers is None) == (ratio is None):
+        raise ValueError("give exactly one of num_layers or ratio")
+    if ratio is not None:
+        if not 0.0 < float(ratio) < 1.0:
+            raise ValueError(f"ratio: must be in (0, 1), got {ratio}")
+        target = math.floor(float(ratio) * num_layers_total + 0.5)
+        if not 1 <= target < num_layers_total:
+            raise ValueError(f"ratio: {ratio} of {num_layers_total} layers rounds to {target} layers; "
+                             f"need between 1 and {num_layers_total - 1}")
+    else:
+        target = int(num_layers)
+        if not 1 <= target < num_layers_total:
+            raise ValueError(f"num_layers: must be between 1 and {num_layers_total - 1} for a model with "
+                             f"{num_layers_total} decoder layers, got {num_layers}")
+    bad = [p for p in protected if not 0 <= int(p) < num_layers_total]
+    if bad:
+        raise ValueError(f"protected: indices {bad} out of range [0, {num_layers_total - 1}]")
+    free = num_layers_total - len(set(int(p) for p in protected))
+    if target > free:
+        raise ValueError(f"protected: {num_layers_total - free} protected layers leave {free} removable, "
+                         f"fewer than the target {target}")
+    return target
+
+
+@dataclass
+class Step:
+    """One pruning decision: every remaining layer's score (keyed by original index), the one removed, the cost."""
+
+    step: int
+    scores: dict[int, float]
+    removed: int
+    seconds: float
+
+
+@dataclass
+class Selection:
+    """Outcome of iterative selection: removed original indices in removal order and every step."""
+
+    removed: list[int] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.steps)
+
+
+def select_iterative(model: nn.Module, calibration: Calibration, target: int, *, metric: str = "taylor",
+                     protected: list[int] | tuple[int, ...] = (), micro_batch: int = 8, progress: bool = False,
+                     kept: list[int] | None = None, selection: Selection | None = None) -> Selection:
+    """Remove ``target`` layers from ``model`` IN PLACE, one per scoring pass, lowest score first.
+
+    Args:
+        model: the working copy to prune (mutated).
+        calibration: calibration set for the scores.
+        target: total number of layers to remove (including those already in ``selection`` when resuming).
+        metric: see :mod:`gradmap.scoring`.
+        protected: original indices that are never removed.
+        kept: original index of each current layer (defaults to ``range(num_layers)``).
+        selection: steps already taken (resuming); its removed layers must already be gone from ``model``.
+
+    Returns:
+        The :class:`Selection` (removed original indices and per-step scores).
+    """
+    adapter = get_adapter(model)
+    kept = list(range(len(adapter.layers(model)))) if kept is None else list(kept)
+    selection = selection or Selection()
+    protected = set(int(p) for p in protected)
+    while len(selection.removed) < target:
+        scores, stats = layer_scores(model, calibration, metric, micro_batch=micro_batch, adapter=adapter,
+                                     progress=progress)
+        by_orig = {orig: float(s) for orig, s in zip(kept, scores.tolist())}
+        candidates = [(s, orig) for orig, s in by_orig.items() if orig not in protected]
+        _, victim = min(candidates)
+        position = kept.index(victim)
+        remove_layers(model, [position], adapter)
+        kept.pop(position)
+        selection.removed.append(victim)
+        selection.steps.append(Step(len(selection.steps), by_orig, victim, stats.seconds))
+        logger.info("step %d: removed layer %d (score %.4g) in %.1f s", len(selection.steps), victim,
+                    by_orig[victim], stats.seconds)
+    return selection

@@ -1,0 +1,269 @@
+"""Stage 1 of GradMAP: score every decoder layer at once from one forward + one backward of the LM loss.
+
+GradMAP (Li et al., arXiv 2602.14649, Sec. 3, stage 1) ranks layers globally by the magnitude of the LM-loss gradient
+of their parameters, from a single backward pass. The variants implemented here (``METRICS``):
+
+* ``grad_l1``: :math:`S_l = \\sum_{W \\in l} \\sum_{ij} |\\partial L/\\partial W_{ij}|`
+* ``grad_l2``: :math:`S_l = \\sum_{W \\in l} \\sum_{ij} (\\partial L/\\partial W_{ij})^2`
+* ``taylor``: :math:`S_l = \\sum_{W \\in l} \\sum_{ij} |W_{ij}\\,\\partial L/\\partial W_{ij}|`, the first-order Taylor
+  importance of Shortened LLaMA (Kim et al., arXiv 2402.02834, Sec. 3.1, Eq. 2).
+* ``gate``: a scalar gate :math:`\\alpha_l` multiplies layer *l*'s residual branch,
+  :math:`h_{l+1} = h_l + \\alpha_l (f_l(h_l) - h_l)`, evaluated at :math:`\\alpha_l = 1`; the score
+  :math:`S_l = -\\partial L/\\partial\\alpha_l` is the first-order estimate of the loss increase when the layer is
+  removed (:math:`\\alpha_l: 1 \\to 0`). It needs no weight gradients at all.
+
+``W`` ranges over the 2-D weight matrices of the decoder layer (q/k/v/o projections, gate/up/down projections; biases
+and norm weights are not scored). Lower score = less important = removed first.
+
+Memory: weight gradients are never all held at once. Only the decoder layers' matrices require grad; each one gets a
+post-accumulate-grad hook that reduces its gradient into the layer's fp32 score as soon as autograd has produced it and
+then frees it (``p.grad = None``), so at most one weight gradient exists at a time.
+
+Micro-batches: the loss of the calibration set is the mean token cross-entropy over all real (unpadded) predicted
+tokens. Micro-batch *b* contributes :math:`L_b = \\sum_{t \\in b} \\mathrm{CE}_t / N_{\\text{tokens}}`, so
+:math:`L = \\sum_b L_b`. The reductions are taken per micro-batch and summed: :math:`S_l = \\sum_b S_l(\\nabla L_b)`.
+With one micro-batch (``micro_batch >= nsamples``) this is exactly the full-batch metric; ``gate`` is linear in the
+gradient and is exact for any micro-batch size. :func:`reference_layer_scores` computes the same quantities the naive
+way (stored ``.grad``, then reduce) and is what the tests compare against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import Adapter, get_adapter, model_device
+from .data import Calibration
+
+METRICS = ("grad_l1", "grad_l2", "taylor", "gate")
+
+
+def check_metric(metric: str) -> str:
+    """Return ``metric`` if it is one of :data:`METRICS`.
+
+    Raises:
+        ValueError: naming the accepted values.
+    """
+    if metric not in METRICS:
+        raise ValueError(f"metric: {metric!r} is not one of {', '.join(METRICS)}")
+    return metric
+
+
+def lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over real tokens of one batch.
+
+    Position *t* predicts token *t+1*; it counts when both tokens are real (``attention_mask == 1``).
+
+    Args:
+        input_ids: LongTensor ``[batch, seqlen]``.
+        attention_mask: LongTensor ``[batch, seqlen]``.
+
+    Returns:
+        ``(loss_sum, num_targets)``: fp32 scalar tensor (nats) and the number of predicted tokens.
+    """
+    device = model_device(model)
+    input_ids = input_ids.to(device)
+    attention_mask = attention_mask.to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+    targets = input_ids[:, 1:].masked_fill(~valid, -100)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                           reduction="sum")
+    return loss, int(valid.sum())
+
+
+def num_targets(calibration: Calibration) -> int:
+    """Number of predicted tokens (both positions real) in ``calibration``."""
+    m = calibration.attention_mask
+    return int((m[:, 1:] * m[:, :-1]).sum())
+
+
+def layer_matrices(layer: nn.Module) -> list[nn.Parameter]:
+    """The 2-D weight matrices of one decoder layer, the parameters GradMAP scores."""
+    return [p for p in layer.parameters() if p.dim() == 2]
+
+
+def reduce_gradient(metric: str, grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Reduce one weight gradient to its contribution to the layer score, in fp32.
+
+    Args:
+        metric: ``grad_l1``, ``grad_l2`` or ``taylor``.
+        grad: ``∂L/∂W``, any shape, fp32/fp16/bf16.
+        weight: ``W``, same shape as ``grad``.
+
+    Returns:
+        fp32 scalar: Σ|g| (grad_l1), Σg² (grad_l2) or Σ|W⊙g| (taylor).
+    """
+    if metric == "grad_l1":
+        return torch.linalg.vector_norm(grad, ord=1, dtype=torch.float32)
+    if metric == "grad_l2":
+        return torch.linalg.vector_norm(grad, ord=2, dtype=torch.float32).square()
+    if metric == "taylor":
+        return torch.linalg.vector_norm(grad * weight, ord=1, dtype=torch.float32)
+    raise ValueError(f"metric: {metric!r} has no weight-gradient reduction; accepted: grad_l1, grad_l2, taylor")
+
+
+@contextlib.contextmanager
+def _only_grad(model: nn.Module, params: list[nn.Parameter]):
+    """Temporarily make ``params`` the only parameters that require grad; restore the flags afterwards."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    keep = {id(p) for p in params}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+            p.grad = None
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+            p.grad = None
+
+
+@contextlib.contextmanager
+def _residual_gates(layers: nn.ModuleList, gates: torch.Tensor):
+    """Scale each decoder layer's residual branch by ``gates[l]``: ``h_out = h_in + gates[l] * (f(h_in) - h_in)``."""
+
+    def make_hook(i):
+        def hook(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            gated = hidden_in + gates[i].to(out.dtype) * (out - hidden_in)
+            return (gated, *output[1:]) if isinstance(output, tuple) else gated
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class ScoreStats:
+    """What one scoring pass cost: wall time (seconds), micro-batches, tokens, forward+backward passes."""
+
+    seconds: float
+    micro_batches: int
+    tokens: int
+    passes: int = 1
+
+
+def layer_scores(model: nn.Module, calibration: Calibration, metric: str = "taylor", *, micro_batch: int = 8,
+                 adapter: Adapter | None = None, progress: bool = False) -> tuple[torch.Tensor, ScoreStats]:
+    """Score every decoder layer of ``model`` with one forward + backward over ``calibration`` (GradMAP stage 1).
+
+    The model's parameters are left exactly as they were (``requires_grad`` flags restored, no ``.grad`` kept).
+
+    Args:
+        model: ``*ForCausalLM`` supported by :mod:`gradmap.adapters`, in eval mode.
+        calibration: the calibration set.
+        metric: one of :data:`METRICS` (formulas in the module docstring).
+        micro_batch: windows per forward/backward; the scores are summed over micro-batches.
+
+    Returns:
+        ``(scores, stats)``: fp32 tensor ``[num_layers]`` on CPU (position *i* = current layer *i*), and the cost.
+
+    Raises:
+        ValueError: unknown metric, or a non-finite score (fp16 overflow: rerun in bfloat16/float32).
+    """
+    check_metric(metric)
+    adapter = adapter or get_adapter(model)
+    layers = adapter.layers(model)
+    device = model_device(model)
+    total = num_targets(calibration)
+    start = time.perf_counter()
+    n_batches = 0
+    batches = list(calibration.batches(micro_batch))
+    if metric == "gate":
+        gates = torch.ones(len(layers), dtype=torch.float32, device=device, requires_grad=True)
+        with _only_grad(model, []), _residual_gates(layers, gates):
+            for ids, mask in tqdm(batches, desc="scoring (gate)", disable=not progress, leave=False):
+                loss, _ = lm_loss_sum(model, ids, mask)
+                (loss / total).backward()
+                n_batches += 1
+        scores = -gates.grad.detach().float().cpu()
+    else:
+        acc = torch.zeros(len(layers), dtype=torch.float32, device=device)
+        params = []
+        handles = []
+        for i, layer in enumerate(layers):
+            for p in layer_matrices(layer):
+                params.append(p)
+
+                def hook(param, i=i):
+                    acc[i] += reduce_gradient(metric, param.grad, param.detach())
+                    param.grad = None
+
+                handles.append(p.register_post_accumulate_grad_hook(hook))
+        try:
+            with _only_grad(model, params):
+                for ids, mask in tqdm(batches, desc=f"scoring ({metric})", disable=not progress, leave=False):
+                    loss, _ = lm_loss_sum(model, ids, mask)
+                    (loss / total).backward()
+                    n_batches += 1
+        finally:
+            for h in handles:
+                h.remove()
+        scores = acc.cpu()
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"non-finite layer scores ({metric}): the gradients overflowed; "
+                         "use dtype bfloat16 or float32 instead of float16")
+    return scores, ScoreStats(time.perf_counter() - start, n_batches, calibration.num_tokens)
+
+
+def reference_layer_scores(model: nn.Module, calibration: Calibration, metric: str = "taylor", *,
+                           micro_batch: int = 8) -> torch.Tensor:
+    """Naive reference for :func:`layer_scores`: store every ``.grad`` (or the hidden-state gradients), then reduce.
+
+    For the weight metrics, each micro-batch runs a plain ``backward`` with all weight gradients stored, then every
+    stored gradient is reduced. For ``gate``, the gradient of the loss w.r.t. each layer's output hidden state is
+    retained and :math:`-\\partial L/\\partial \\alpha_l = -\\sum_t \\langle \\partial L/\\partial h_{l+1}, f_l(h_l) - h_l
+    \\rangle` is formed explicitly. Used by the tests and benchmarks; holds every weight gradient at once.
+
+    Returns:
+        fp32 tensor ``[num_layers]`` on CPU.
+    """
+    check_metric(metric)
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    total = num_targets(calibration)
+    acc = torch.zeros(len(layers), dtype=torch.float64)
+    if metric == "gate":
+        for ids, mask in calibration.batches(micro_batch):
+            captured = []
+
+            def hook(module, args, kwargs, output):
+                hidden_in = args[0] if args else kwargs["hidden_states"]
+                out = output[0] if isinstance(output, tuple) else output
+                out.retain_grad()
+                captured.append((hidden_in, out))
+
+            handles = [layer.register_forward_hook(hook, with_kwargs=True) for layer in layers]
+            try:
+                with _only_grad(model, []):
+                    embed = model.get_input_embeddings()
+                    embed.weight.requires_grad_(True)  # so that hidden states carry grad through every layer
+                    loss, _ = lm_loss_sum(model, ids, mask)
+                    (loss / total).backward()
+                    for i, (hidden_in, out) in enumerate(captured):
+                        acc[i] -= (out.grad.double() * (out.detach().double() - hidden_in.detach().double())).sum()
+            finally:
+                for h in handles:
+                    h.remove()
+        return acc.float()
+    params = [(i, p) for i, layer in enumerate(layers) for p in layer_matrices(layer)]
+    with _only_grad(model, [p for _, p in params]):
+        for ids, mask in calibration.batches(micro_batch):
+            loss, _ = lm_loss_sum(model, ids, mask)
+            (loss / total).backward()
+            for i, p in params:
+                acc[i] += reduce_gradient(metric, p.grad, p.detach()).double()
+                p.grad = None
+    return acc.float()

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random-weight models of every supported family, built in-process (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen3Config)
+
+from gradmap.data import Calibration
+
+VOCAB = 96
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**COMMON, use_sliding_window=False),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=8),
+}
+FAMILIES = tuple(CONFIGS)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, tied: bool = False, dtype=torch.float32):
+    """A tiny random-weight ``*ForCausalLM`` of ``family`` (6 layers, hidden 32), deterministic in ``seed``."""
+    config = CONFIGS[family]()
+    config.tie_word_embeddings = tied
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # Random init has tiny residual branches; scale them up so layers matter and scores differ clearly.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "layers" in name:
+                p.mul_(4.0)
+    return model.eval()
+
+
+def random_calibration(nsamples=4, seqlen=16, seed=0, pad_last: int = 0) -> Calibration:
+    """Random token windows; the last ``pad_last`` positions of every second window are padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (nsamples, seqlen), generator=g)
+    mask = torch.ones_like(ids)
+    if pad_last:
+        mask[1::2, seqlen - pad_last:] = 0
+        ids[1::2, seqlen - pad_last:] = 0
+    return Calibration(ids, mask, {"source": "random", "nsamples": nsamples, "seqlen": seqlen, "seed": seed})
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """A small byte-level BPE tokenizer trained in-process on a fixed text (vocab ≤ VOCAB)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60], show_progress=False)
+    tok.train_from_iterator([SAMPLE_TEXT] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    return fast
+
+
+SAMPLE_TEXT = (
+    "the cat sat on the mat and the dog sat on the log. a bird sang in the tree while the sun rose over the hill. "
+    "people walked to the market to buy bread, milk and eggs; the baker sold fresh bread every morning. "
+) * 20

@@ -1,0 +1,117 @@
+"""Stage 2: alignment, streamed fit against a materialised least-squares solve, held-out guard, modes."""
+
+import copy
+
+import pytest
+import torch
+
+import gradmap.compensation as comp_mod
+from conftest import random_calibration, tiny_model
+from gradmap.adapters import get_adapter
+from gradmap.compensation import (aligned_dense_layer, compensate, fit_projection, gap_positions, heldout_loss,
+                                  mean_shifts)
+from gradmap.projection import solve_ridge
+from gradmap.removal import remove_layers
+
+
+def test_alignment_hand_cases():
+    kept = [0, 1, 3, 4, 7]  # of 9 dense layers: 2, 5, 6, 8 removed
+    assert [aligned_dense_layer(kept, p, 9) for p in range(5)] == [0, 2, 3, 6, 8]
+    assert gap_positions(kept, 9) == [1, 3, 4]
+    assert gap_positions([2, 3, 4], 5) == []  # removal only at the start: nothing before it
+
+
+def _pruned(family="llama", drop=(2, 3)):
+    dense = tiny_model(family)
+    pruned = copy.deepcopy(dense)
+    remove_layers(pruned, list(drop))
+    kept = [i for i in range(6) if i not in drop]
+    return dense, pruned, kept
+
+
+def _capture_all(model, ids, mask):
+    """Every layer's output and every down_proj output, by full forward with hooks (no early stop)."""
+    adapter = get_adapter(model)
+    outs, downs, hs = {}, {}, []
+    for i, layer in enumerate(adapter.layers(model)):
+        hs.append(layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o)))
+        hs.append(adapter.down_proj(layer).register_forward_hook(lambda m, a, o, i=i: downs.__setitem__(i, o)))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hs:
+        h.remove()
+    return outs, downs
+
+
+def test_fit_equals_materialised_least_squares():
+    dense, pruned, kept = _pruned()
+    cal = random_calibration(nsamples=4, seqlen=12, pad_last=4)
+    position = 1  # kept layer 1 is followed by removed 2, 3: aligned dense layer 3
+    G, C, tokens = fit_projection(dense, pruned, kept, position, cal, micro_batch=3)
+    real = cal.attention_mask.bool().flatten()
+    d_out, _ = _capture_all(dense, cal.input_ids, cal.attention_mask)
+    p_out, p_down = _capture_all(pruned, cal.input_ids, cal.attention_mask)
+    M = p_down[position].flatten(0, 1)[real].double()
+    X = p_out[position].flatten(0, 1)[real].double()
+    Y = d_out[3].flatten(0, 1)[real].double()
+    assert tokens == int(real.sum())
+    lam = 0.05
+    alpha = lam * torch.diagonal(M.T @ M).mean()
+    want = torch.linalg.solve(M.T @ M + alpha * torch.eye(M.shape[1], dtype=torch.float64), M.T @ (Y - X + M))
+    torch.testing.assert_close(solve_ridge(G, C, lam), want, rtol=1e-6, atol=1e-8)
+
+
+def test_mean_shift_hand_computed():
+    dense, pruned, kept = _pruned()
+    cal = random_calibration(nsamples=2, seqlen=10, pad_last=3)
+    shifts, rel = mean_shifts(dense, pruned, kept, cal, micro_batch=1)
+    real = cal.attention_mask.bool().flatten()
+    d_out, _ = _capture_all(dense, cal.input_ids, cal.attention_mask)
+    p_out, _ = _capture_all(pruned, cal.input_ids, cal.attention_mask)
+    for p, k in enumerate(kept):
+        a = aligned_dense_layer(kept, p, 6)
+        diff = (p_out[p] - d_out[a]).flatten(0, 1)[real].double().norm(dim=-1)
+        assert shifts[p] == pytest.approx(diff.mean().item(), rel=1e-6)
+        ref = d_out[a].flatten(0, 1)[real].double().norm(dim=-1)
+        assert rel[p] == pytest.approx((diff / ref).mean().item(), rel=1e-6)
+    assert shifts[0] == pytest.approx(0.0, abs=1e-5)  # layer 0 precedes the removal: no drift yet
+
+
+@pytest.mark.parametrize("mode", ["max-shift", "every-gap"])
+def test_compensate_lowers_heldout_loss_and_keeps_dense(mode):
+    dense, pruned, kept = _pruned(drop=(1, 4))  # kept 0, 2, 3, 5: gaps after 0 and 3
+    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    cal = random_calibration(nsamples=8, seqlen=16, seed=3)
+    _, held = cal.split(1)
+    before = heldout_loss(pruned, held)
+    result = compensate(dense, pruned, kept, cal, mode=mode, holdout=1)
+    after = heldout_loss(pruned, held)
+    assert after <= before
+    assert set(result.shifts) == set(kept)
+    expected_layers = [0, 3] if mode == "every-gap" else [max(result.shifts, key=result.shifts.get)]
+    assert [f.layer for f in result.fits] == expected_layers
+    assert result.fits[-1].heldout_loss_after == pytest.approx(after, rel=1e-6)
+    for k, v in dense.state_dict().items():
+        assert torch.equal(v, dense_state[k])
+
+
+def test_harmful_fold_is_skipped(monkeypatch):
+    """A projection that raises the held-out loss is not applied; the layer is unchanged and the report says so."""
+    dense, pruned, kept = _pruned()
+    cal = random_calibration(nsamples=4, seqlen=12)
+    before = {k: v.clone() for k, v in pruned.state_dict().items()}
+    monkeypatch.setattr(comp_mod, "solve_ridge", lambda G, C, lam: -5.0 * torch.eye(G.shape[0], dtype=G.dtype))
+    result = compensate(dense, pruned, kept, cal, mode="every-gap", holdout=1)
+    assert all(not f.applied for f in result.fits) and result.fits
+    assert any("fold skipped" in n for n in result.notes)
+    for k, v in pruned.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_mode_none_and_errors():
+    dense, pruned, kept = _pruned()
+    assert compensate(dense, pruned, kept, random_calibration(), mode="none").fits == []
+    with pytest.raises(ValueError, match="compensate: 'all' is not one of none, max-shift, every-gap"):
+        compensate(dense, pruned, kept, random_calibration(), mode="all")
+    with pytest.raises(ValueError, match="at least 2 windows"):
+        compensate(dense, pruned, kept, random_calibration(nsamples=1), mode="every-gap")

@@ -1,0 +1,133 @@
+"""Stage-1 metrics: the hook-based scores equal the naive reference (stored grads), and hand-computed cases."""
+
+import pytest
+import torch
+
+from conftest import FAMILIES, random_calibration, tiny_model
+from gradmap.adapters import get_adapter
+from gradmap.scoring import METRICS, layer_scores, lm_loss_sum, reference_layer_scores, check_metric
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scores_match_naive_reference(family, metric):
+    model = tiny_model(family)
+    cal = random_calibration(nsamples=4, seqlen=12, pad_last=3)
+    got, stats = layer_scores(model, cal, metric, micro_batch=2)
+    want = reference_layer_scores(model, cal, metric, micro_batch=2)
+    assert got.shape == (6,)
+    assert stats.micro_batches == 2 and stats.tokens == cal.num_tokens
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert got.abs().min() > 0  # not a degenerate all-zero case
+
+
+@pytest.mark.parametrize("metric", ["taylor", "grad_l1", "grad_l2"])
+def test_single_micro_batch_is_full_batch_metric(metric):
+    """With one micro-batch the score is exactly the reduction of the full-batch gradient (mean token CE)."""
+    model = tiny_model("llama")
+    cal = random_calibration(nsamples=3, seqlen=10)
+    got, _ = layer_scores(model, cal, metric, micro_batch=3)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    out = model(input_ids=cal.input_ids, labels=cal.input_ids)
+    out.loss.backward()
+    layers = get_adapter(model).layers(model)
+    want = []
+    for layer in layers:
+        total = 0.0
+        for p in layer.parameters():
+            if p.dim() != 2:
+                continue
+            g = p.grad.double()
+            total += {"grad_l1": g.abs().sum(), "grad_l2": (g * g).sum(),
+                      "taylor": (g * p.detach().double()).abs().sum()}[metric]
+        want.append(total)
+    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float32), rtol=1e-5, atol=0)
+
+
+def test_gate_matches_finite_difference():
+    """-dL/d(alpha_l) equals a finite difference of the loss in a residual gate.
+
+    RMSNorm computes in fp32 even in an fp64 model, so the loss carries ~1e-7 noise: use h = 0.01 with Richardson
+    extrapolation (error O(h^4)) and a 5e-3 relative tolerance."""
+    model = tiny_model("llama", dtype=torch.float64)
+    cal = random_calibration(nsamples=2, seqlen=8)
+    scores, _ = layer_scores(model, cal, "gate", micro_batch=2)
+    layers = get_adapter(model).layers(model)
+    h = 1e-2
+
+    def loss_with_gate(i, a):
+        def hook(module, args, kwargs, output):
+            h = args[0] if args else kwargs["hidden_states"]
+            return h + a * (output - h)
+        handle = layers[i].register_forward_hook(hook, with_kwargs=True)
+        with torch.no_grad():
+            loss, n = lm_loss_sum(model, cal.input_ids, cal.attention_mask)
+        handle.remove()
+        return float(loss) / n
+
+    for i in range(len(layers)):
+        d1 = (loss_with_gate(i, 1 + h) - loss_with_gate(i, 1 - h)) / (2 * h)
+        d2 = (loss_with_gate(i, 1 + 2 * h) - loss_with_gate(i, 1 - 2 * h)) / (4 * h)
+        fd = (4 * d1 - d2) / 3
+        assert scores[i].item() == pytest.approx(-fd, rel=5e-3, abs=1e-4)
+
+
+def test_identity_layer_scores_zero():
+    """A layer whose output equals its input (o_proj and down_proj zero) has taylor and gate score exactly 0."""
+    model = tiny_model("llama")
+    layer = get_adapter(model).layers(model)[2]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    cal = random_calibration(nsamples=2, seqlen=8)
+    taylor, _ = layer_scores(model, cal, "taylor")
+    gate, _ = layer_scores(model, cal, "gate")
+    l1, _ = layer_scores(model, cal, "grad_l1")
+    assert taylor[2].item() == 0.0
+    assert gate[2].item() == pytest.approx(0.0, abs=1e-9)
+    assert l1[2].item() > 0  # grads of the zeroed matrices themselves are not zero
+    assert (taylor[[0, 1, 3, 4, 5]] > 0).all()
+
+
+def test_padding_is_excluded():
+    """Scores of a padded batch equal those of the same batch with the padding cut off."""
+    model = tiny_model("llama")
+    cal = random_calibration(nsamples=2, seqlen=10)
+    padded_ids = torch.cat([cal.input_ids, torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    padded_mask = torch.cat([cal.attention_mask, torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    from gradmap.data import Calibration
+    padded = Calibration(padded_ids, padded_mask)
+    for metric in METRICS:
+        a, _ = layer_scores(model, cal, metric, micro_batch=2)
+        b, _ = layer_scores(model, padded, metric, micro_batch=2)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_scoring_leaves_model_untouched():
+    model = tiny_model("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for metric in METRICS:
+        layer_scores(model, random_calibration(), metric)
+    assert all(p.grad is None for p in model.parameters())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+def test_unknown_metric():
+    with pytest.raises(ValueError, match="metric: 'fisher' is not one of grad_l1, grad_l2, taylor, gate"):
+        check_metric("fisher")
+
+
+def test_fp16_overflow_detected():
+    model = tiny_model("llama")
+    cal = random_calibration(nsamples=2, seqlen=8)
+    with torch.no_grad():
+        for p in get_adapter(model).layers(model)[0].parameters():
+            if p.dim() == 2:
+                p.fill_(float("inf"))
+    with pytest.raises(ValueError, match="non-finite layer scores"):
+        layer_scores(model, cal, "grad_l2")
