@@ -23,7 +23,7 @@ from .scoring import check_metric
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_METRIC = "taylor"
+DEFAULT_METRIC = "grad_update_norm"
 DEFAULT_COMPENSATION = "every-gap"
 REPORT_FILE = "gradmap_report.json"
 PLOT_FILE = "gradmap_scores.png"

@@ -12,6 +12,18 @@ of their parameters, from a single backward pass. The variants implemented here 
   :math:`S_l = -\\partial L/\\partial\\alpha_l` is the first-order estimate of the loss increase when the layer is
   removed (:math:`\\alpha_l: 1 \\to 0`). It needs no weight gradients at all.
 
+* ``taylor_hidden``: first-order Taylor importance of the layer's residual-branch output, element-wise:
+  :math:`S_l = \sum_t \sum_d |g_{l,t,d}\,\Delta_{l,t,d}|` with :math:`g_{l,t} = \partial L/\partial h_{l+1,t}`
+  (gradient w.r.t. the layer's output hidden state at token *t*) and :math:`\Delta_{l,t} = h_{l+1,t} - h_{l,t}`
+  (what the layer adds to the residual stream).
+* ``grad_update_norm``: :math:`S_l = \sum_t \|g_{l,t}\|_2\,\|\Delta_{l,t}\|_2`, the Cauchy-Schwarz bound of the
+  per-token first-order loss change :math:`|\langle g_{l,t}, \Delta_{l,t}\rangle|` when the layer is removed: the
+  magnitude of the loss gradient at the layer's output, weighted by the size of the layer's update. Like ``gate`` it
+  needs no weight gradients (only activation gradients flow).
+
+The hidden-state metrics (``gate``, ``taylor_hidden``, ``grad_update_norm``) are gradient-magnitude metrics taken at
+the layer's output instead of its parameters; the choice of the default is measured in ``docs/metric_selection.md``.
+
 ``W`` ranges over the 2-D weight matrices of the decoder layer (q/k/v/o projections, gate/up/down projections; biases
 and norm weights are not scored). Lower score = less important = removed first.
 
@@ -41,7 +53,9 @@ from tqdm.auto import tqdm
 from .adapters import Adapter, get_adapter, model_device
 from .data import Calibration
 
-METRICS = ("grad_l1", "grad_l2", "taylor", "gate")
+WEIGHT_METRICS = ("grad_l1", "grad_l2", "taylor")
+HIDDEN_METRICS = ("taylor_hidden", "grad_update_norm")
+METRICS = WEIGHT_METRICS + ("gate",) + HIDDEN_METRICS
 
 
 def check_metric(metric: str) -> str:
@@ -72,9 +86,9 @@ def lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     attention_mask = attention_mask.to(device)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
-    targets = input_ids[:, 1:].masked_fill(~valid, -100)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
-                           reduction="sum")
+    # Shift the targets, not the logits: slicing logits[:, :-1] would copy the whole [batch, seqlen, vocab] tensor.
+    targets = F.pad(input_ids[:, 1:].masked_fill(~valid, -100), (0, 1), value=-100)
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
     return loss, int(valid.sum())
 
 
@@ -145,6 +159,50 @@ def _residual_gates(layers: nn.ModuleList, gates: torch.Tensor):
             h.remove()
 
 
+def reduce_hidden(metric: str, grad: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Reduce one layer's output gradient ``g`` and update ``Δ`` to its score contribution, in fp32.
+
+    Args:
+        metric: ``taylor_hidden`` (Σ_t Σ_d |g Δ|) or ``grad_update_norm`` (Σ_t ‖g_t‖ ‖Δ_t‖).
+        grad, delta: ``[batch, seqlen, hidden]``.
+        mask: ``[batch, seqlen]`` attention mask; padding tokens contribute nothing.
+
+    Returns:
+        fp32 scalar.
+    """
+    g, d = grad.float(), delta.float()
+    m = mask.to(device=g.device, dtype=torch.float32)
+    if metric == "taylor_hidden":
+        return ((g * d).abs().sum(-1) * m).sum()
+    if metric == "grad_update_norm":
+        return (g.norm(dim=-1) * d.norm(dim=-1) * m).sum()
+    raise ValueError(f"metric: {metric!r} is not a hidden-state metric; accepted: {', '.join(HIDDEN_METRICS)}")
+
+
+@contextlib.contextmanager
+def _hidden_reductions(model: nn.Module, layers: nn.ModuleList, metric: str, acc: torch.Tensor, mask_ref: list):
+    """Make the hidden states carry grad (embedding output as a leaf) and, for every decoder layer, reduce
+    ``∂L/∂h_out`` against the layer's update ``h_out - h_in`` as soon as the gradient is produced."""
+
+    def make_hook(i):
+        def hook(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            if out.requires_grad:
+                delta = (out - hidden_in).detach()
+                out.register_hook(lambda g: acc.__setitem__(i, acc[i] + reduce_hidden(metric, g, delta, mask_ref[0])))
+        return hook
+
+    embed = model.get_input_embeddings()
+    handles = [embed.register_forward_hook(lambda m, a, o: o.detach().requires_grad_())]
+    handles += [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @dataclass
 class ScoreStats:
     """What one scoring pass cost: wall time (seconds), micro-batches, tokens, forward+backward passes."""
@@ -189,6 +247,16 @@ def layer_scores(model: nn.Module, calibration: Calibration, metric: str = "tayl
                 (loss / total).backward()
                 n_batches += 1
         scores = -gates.grad.detach().float().cpu()
+    elif metric in HIDDEN_METRICS:
+        acc = torch.zeros(len(layers), dtype=torch.float32, device=device)
+        mask_ref: list = [None]
+        with _only_grad(model, []), _hidden_reductions(model, layers, metric, acc, mask_ref):
+            for ids, mask in tqdm(batches, desc=f"scoring ({metric})", disable=not progress, leave=False):
+                mask_ref[0] = mask
+                loss, _ = lm_loss_sum(model, ids, mask)
+                (loss / total).backward()
+                n_batches += 1
+        scores = acc.cpu()
     else:
         acc = torch.zeros(len(layers), dtype=torch.float32, device=device)
         params = []
@@ -223,9 +291,10 @@ def reference_layer_scores(model: nn.Module, calibration: Calibration, metric: s
     """Naive reference for :func:`layer_scores`: store every ``.grad`` (or the hidden-state gradients), then reduce.
 
     For the weight metrics, each micro-batch runs a plain ``backward`` with all weight gradients stored, then every
-    stored gradient is reduced. For ``gate``, the gradient of the loss w.r.t. each layer's output hidden state is
-    retained and :math:`-\\partial L/\\partial \\alpha_l = -\\sum_t \\langle \\partial L/\\partial h_{l+1}, f_l(h_l) - h_l
-    \\rangle` is formed explicitly. Used by the tests and benchmarks; holds every weight gradient at once.
+    stored gradient is reduced. For the hidden-state metrics, the gradient of the loss w.r.t. each layer's output
+    hidden state is retained (``retain_grad``) and the formulas of the module docstring are applied to it and to the
+    layer's update, e.g. :math:`-\\partial L/\\partial \\alpha_l = -\\sum_t \\langle \\partial L/\\partial h_{l+1},
+    f_l(h_l) - h_l \\rangle` for ``gate``. Used by the tests and benchmarks; holds every weight gradient at once.
 
     Returns:
         fp32 tensor ``[num_layers]`` on CPU.
@@ -235,7 +304,7 @@ def reference_layer_scores(model: nn.Module, calibration: Calibration, metric: s
     layers = adapter.layers(model)
     total = num_targets(calibration)
     acc = torch.zeros(len(layers), dtype=torch.float64)
-    if metric == "gate":
+    if metric == "gate" or metric in HIDDEN_METRICS:
         for ids, mask in calibration.batches(micro_batch):
             captured = []
 
@@ -252,8 +321,16 @@ def reference_layer_scores(model: nn.Module, calibration: Calibration, metric: s
                     embed.weight.requires_grad_(True)  # so that hidden states carry grad through every layer
                     loss, _ = lm_loss_sum(model, ids, mask)
                     (loss / total).backward()
+                    real = mask.bool().to(captured[0][1].device)
                     for i, (hidden_in, out) in enumerate(captured):
-                        acc[i] -= (out.grad.double() * (out.detach().double() - hidden_in.detach().double())).sum()
+                        g = out.grad.double()[real]
+                        delta = (out.detach().double() - hidden_in.detach().double())[real]
+                        if metric == "gate":
+                            acc[i] -= (g * delta).sum()
+                        elif metric == "taylor_hidden":
+                            acc[i] += (g * delta).abs().sum()
+                        else:
+                            acc[i] += (g.norm(dim=-1) * delta.norm(dim=-1)).sum()
             finally:
                 for h in handles:
                     h.remove()

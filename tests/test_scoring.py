@@ -86,6 +86,9 @@ def test_identity_layer_scores_zero():
     l1, _ = layer_scores(model, cal, "grad_l1")
     assert taylor[2].item() == 0.0
     assert gate[2].item() == pytest.approx(0.0, abs=1e-9)
+    for metric in ("taylor_hidden", "grad_update_norm"):  # the layer's update h_out - h_in is exactly 0
+        hidden, _ = layer_scores(model, cal, metric)
+        assert hidden[2].item() == 0.0 and (hidden[[0, 1, 3, 4, 5]] > 0).all()
     assert l1[2].item() > 0  # grads of the zeroed matrices themselves are not zero
     assert (taylor[[0, 1, 3, 4, 5]] > 0).all()
 

