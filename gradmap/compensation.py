@@ -107,8 +107,13 @@ def _capture(model: nn.Module, adapter: Adapter, ids, mask, outputs: dict[int, N
 
 
 def mean_shifts(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration: Calibration, *,
-                micro_batch: int = 8) -> tuple[list[float], list[float]]:
+                micro_batch: int = 8, keep_targets: dict[int, list] | None = None) -> tuple[list[float], list[float]]:
     """Mean and relative mean shift of every kept layer's output against its aligned dense hidden state.
+
+    Args:
+        keep_targets: optional ``{position: []}``; the aligned dense hidden states of those kept positions are
+            appended per micro-batch (``[batch, seqlen, hidden]``, model dtype, CPU), so that :func:`fit_projection`
+            can reuse them instead of running the dense model again.
 
     Returns:
         ``(shift, relative_shift)``: lists of floats, one per kept layer (position order), in hidden-state units.
@@ -123,6 +128,8 @@ def mean_shifts(dense: nn.Module, pruned: nn.Module, kept: list[int], calibratio
         real = mask.bool().flatten()
         d_out = _capture(dense, da, ids, mask, dict.fromkeys(aligned))
         p_out = _capture(pruned, pa, ids, mask, dict.fromkeys(range(len(kept))))
+        for p, store in (keep_targets or {}).items():
+            store.append(d_out[aligned[p]].cpu())
         for p in range(len(kept)):
             target = d_out[aligned[p]].flatten(0, 1)[real.to(d_out[aligned[p]].device)].double()
             diff = p_out[p].flatten(0, 1)[real.to(p_out[p].device)].double() - target
@@ -145,8 +152,12 @@ def heldout_loss(model: nn.Module, calibration: Calibration, micro_batch: int = 
 
 
 def fit_projection(dense: nn.Module, pruned: nn.Module, kept: list[int], position: int, calibration: Calibration, *,
-                   micro_batch: int = 8) -> tuple[torch.Tensor, torch.Tensor, int]:
+                   micro_batch: int = 8, dense_targets: list[torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Stream the Gram statistics for kept layer ``position``: ``G = MᵀM`` and ``C = Mᵀ(Y − X + M)`` in fp64.
+
+    ``dense_targets``, when given, holds the aligned dense hidden states per micro-batch (from :func:`mean_shifts`
+    with ``keep_targets``); otherwise the dense model is run up to the aligned layer for every micro-batch.
 
     Returns:
         ``(G, C, tokens)``: fp64 ``[d, d]`` tensors on the model's device and the number of real tokens used.
@@ -159,9 +170,9 @@ def fit_projection(dense: nn.Module, pruned: nn.Module, kept: list[int], positio
     G = torch.zeros(d, d, dtype=torch.float64, device=device)
     C = torch.zeros(d, d, dtype=torch.float64, device=device)
     tokens = 0
-    for ids, mask in calibration.batches(micro_batch):
+    for b, (ids, mask) in enumerate(calibration.batches(micro_batch)):
         real = mask.bool().flatten().to(device)
-        y = _capture(dense, da, ids, mask, {aligned: None})[aligned]
+        y = dense_targets[b] if dense_targets is not None else _capture(dense, da, ids, mask, {aligned: None})[aligned]
         got = _capture(pruned, pa, ids, mask, {position: None}, down_of=position)
         m = got["down"].flatten(0, 1)[real]
         x = got[position].flatten(0, 1)[real]
@@ -202,7 +213,7 @@ class CompensationResult:
 
 def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration: Calibration, *,
                mode: str = "every-gap", ridge: float | None = None, holdout: int | None = None,
-               micro_batch: int = 8, progress: bool = False) -> CompensationResult:
+               micro_batch: int = 8, dense_cache_bytes: int = 2 << 30, progress: bool = False) -> CompensationResult:
     """Run stage 2 on ``pruned`` IN PLACE (``dense`` is only read).
 
     Args:
@@ -215,6 +226,9 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
             kept layer before each removed block, shallow to deep, each fit seeing the earlier folds).
         ridge: relative ridge λ; ``None`` chooses from :data:`RIDGE_GRID` on the held-out windows.
         holdout: held-out windows (default: max(1, nsamples // 8)).
+        dense_cache_bytes: if the aligned dense hidden states of every layer to compensate fit in this many bytes
+            (CPU memory), they are kept from the mean-shift pass and the dense model runs once in total; otherwise the
+            dense model is re-run (streamed) for each fit, so memory never grows with the number of tokens.
 
     Returns:
         :class:`CompensationResult`.
@@ -233,21 +247,28 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
         raise ValueError("calibration: stage 2 needs at least 2 windows (one is held out); raise nsamples")
     holdout = holdout or max(1, calibration.nsamples // 8)
     fit_set, held = calibration.split(holdout)
-    shifts, rel = mean_shifts(dense, pruned, kept, fit_set, micro_batch=micro_batch)
+    n_dense = len(get_adapter(dense).layers(dense))
+    gaps = gap_positions(kept, n_dense)
+    # The every-gap targets are known before the shifts: keep their dense states from the shift pass if they fit.
+    hidden = pruned.config.hidden_size
+    itemsize = next(dense.parameters()).element_size()
+    cache_need = fit_set.input_ids.numel() * hidden * itemsize * len(gaps)
+    targets = {p: [] for p in gaps} if mode == "every-gap" and cache_need <= dense_cache_bytes else None
+    shifts, rel = mean_shifts(dense, pruned, kept, fit_set, micro_batch=micro_batch, keep_targets=targets)
     result.shifts = dict(zip(kept, shifts))
     result.relative_shifts = dict(zip(kept, rel))
-    n_dense = len(get_adapter(dense).layers(dense))
     if mode == "max-shift":
         positions = [max(range(len(kept)), key=lambda p: shifts[p])]
     else:
-        positions = gap_positions(kept, n_dense)
+        positions = gaps
         if kept[0] != 0:
             result.notes.append(f"layers 0..{kept[0] - 1} removed at the start: no kept layer before them to fold into")
     adapter = get_adapter(pruned)
     base_loss = heldout_loss(pruned, held, micro_batch)
     for position in tqdm(positions, desc="compensating", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        G, C, tokens = fit_projection(dense, pruned, kept, position, fit_set, micro_batch=micro_batch)
+        G, C, tokens = fit_projection(dense, pruned, kept, position, fit_set, micro_batch=micro_batch,
+                                      dense_targets=targets.pop(position) if targets else None)
         down = adapter.down_proj(adapter.layers(pruned)[position])
         original_w = down.weight.detach().clone()
         original_b = down.bias.detach().clone() if down.bias is not None else None

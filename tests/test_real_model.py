@@ -26,8 +26,8 @@ def run(smollm):
     model, tok = smollm
     cal = build_calibration(tok, load_text("wiki", "calibration"), nsamples=8, seqlen=128, seed=0)
     test_ids = tokenize(tok, load_text("wiki", "test"))
-    return prune(model, cal, num_layers=8, metric="taylor", compensate_mode="every-gap", micro_batch=8,
-                 eval_tokens=test_ids, eval_seqlen=512, eval_max_tokens=4 * 512)
+    return prune(model, cal, num_layers=8, micro_batch=8, eval_tokens=test_ids, eval_seqlen=512,
+                 eval_max_tokens=4 * 512)  # default metric and compensation
 
 
 def test_default_model_facts(smollm):
