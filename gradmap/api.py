@@ -19,7 +19,7 @@ from .evaluation import perplexity
 from .models import validate_model
 from .pruning import Selection, resolve_target, select_iterative
 from .report import environment, plot_scores
-from .scoring import check_metric
+from .scoring import BACKENDS, check_metric
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
           metric: str = DEFAULT_METRIC, compensate_mode: str = DEFAULT_COMPENSATION, ridge: float | None = None,
           protected: list[int] | tuple[int, ...] = (), micro_batch: int = 8, eval_tokens: torch.Tensor | None = None,
           eval_seqlen: int = 1024, eval_max_tokens: int | None = None, seed: int = 0, inplace: bool = False,
-          progress: bool = False) -> PruneResult:
+          backend: str = "hooks", progress: bool = False) -> PruneResult:
     """Remove ``num_layers`` (or ``ratio`` of the) decoder layers with GradMAP and repair the model.
 
     Stage 1 (arXiv 2602.14649 Sec. 3): iteratively score all remaining layers with one forward + backward and drop the
@@ -129,6 +129,8 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
             model is measured (``eval_seqlen`` tokens per window, first ``eval_max_tokens`` tokens).
         seed: seeds torch before the run (the calibration windows carry their own seed).
         inplace: prune ``model`` itself; by default ``model`` is left bit-identical and a copy is pruned.
+        backend: ``"hooks"`` or ``"fused"`` weight-gradient reduction for the weight metrics
+            (:func:`gradmap.scoring.layer_scores`).
 
     Returns:
         :class:`PruneResult`.
@@ -140,6 +142,8 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
     """
     check_metric(metric)
     check_mode(compensate_mode)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     validate_model(model)
     adapter = get_adapter(model)
     n_dense = len(adapter.layers(model))
@@ -152,7 +156,7 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
     torch.manual_seed(seed)
     settings = {"num_layers": target, "ratio": ratio, "metric": metric, "compensate": compensate_mode,
                 "ridge": ridge, "protected": sorted(int(p) for p in protected), "micro_batch": micro_batch,
-                "seed": seed, "eval_seqlen": eval_seqlen, "eval_max_tokens": eval_max_tokens}
+                "seed": seed, "eval_seqlen": eval_seqlen, "eval_max_tokens": eval_max_tokens, "backend": backend}
     timings: dict[str, float] = {}
     ppl: dict[str, dict] = {}
     start = time.perf_counter()
@@ -180,7 +184,7 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
     # Stage 1: iterative scoring and removal.
     kept = list(range(n_dense))
     selection = select_iterative(work, calibration, target, metric=metric, protected=protected,
-                                 micro_batch=micro_batch, progress=progress, kept=kept)
+                                 micro_batch=micro_batch, progress=progress, kept=kept, backend=backend)
     kept = [i for i in range(n_dense) if i not in set(selection.removed)]
     timings["scoring"] = selection.seconds
     evaluate("pruned", work)

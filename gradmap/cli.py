@@ -36,7 +36,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", default="wiki",
                    help="calibration text: 'wiki' (bundled Wikipedia, calibration split) or a UTF-8 text file")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--nsamples", type=int, default=16, help="calibration windows (default 16)")
     p.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--micro-batch", type=int, default=8, help="windows per forward/backward (default 8)")
@@ -46,8 +46,8 @@ def _eval_args(p: argparse.ArgumentParser, prefix: str = "eval-") -> None:
     p.add_argument(f"--{prefix}text", default="wiki",
                    help="evaluation text: 'wiki' (bundled Wikipedia, test split) or a UTF-8 text file")
     p.add_argument(f"--{prefix}seqlen", type=int, default=1024, help="tokens per window (default 1024)")
-    p.add_argument(f"--{prefix}tokens", type=int, default=32768,
-                   help="evaluate the first N tokens (default 32768; 0 = all)")
+    p.add_argument(f"--{prefix}tokens", type=int, default=16384,
+                   help="evaluate the first N tokens (default 16384; 0 = all)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ridge", type=float, default=None,
                    help="relative ridge for stage 2 (default: chosen on held-out calibration windows)")
     p.add_argument("--protected", type=_protected, default=[], help="comma-separated layer indices never removed")
+    p.add_argument("--backend", default="hooks", choices=("hooks", "fused"),
+                   help="weight-metric gradient reduction: hooks (default) or fused (Triton on CUDA; no dW stored)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--output", required=True, help="output directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -125,9 +127,9 @@ def cmd_prune(args) -> int:
 
     parse_dtype(args.dtype)
     check_output_dir(args.output, args.overwrite)  # fail before any long work
-    load_text(args.text, "calibration") if args.text != "wiki" else None
-    if not args.no_eval and args.eval_text != "wiki":
-        load_text(args.eval_text, "test")
+    for text, wanted in ((args.text, True), (args.eval_text, not args.no_eval)):
+        if wanted and text != "wiki":
+            load_text(text)  # a missing text file fails now, not after the model has loaded
     resolve_model_path(args.model)
     model, tokenizer = _load(args)
     calibration = _calibration(args, model, tokenizer)
@@ -135,7 +137,7 @@ def cmd_prune(args) -> int:
     result = prune(model, calibration, num_layers=args.num_layers, ratio=args.ratio, metric=args.metric,
                    compensate_mode=args.compensate, ridge=args.ridge, protected=args.protected,
                    micro_batch=args.micro_batch, eval_tokens=eval_ids, eval_seqlen=args.eval_seqlen,
-                   eval_max_tokens=args.eval_tokens or None, seed=args.seed, inplace=True,
+                   eval_max_tokens=args.eval_tokens or None, seed=args.seed, inplace=True, backend=args.backend,
                    progress=not args.quiet)
     result.settings.update(model=str(args.model), dtype=args.dtype, text=args.text, eval_text=args.eval_text)
     path = result.save(args.output, tokenizer, overwrite=args.overwrite)

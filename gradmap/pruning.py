@@ -78,7 +78,8 @@ class Selection:
 
 def select_iterative(model: nn.Module, calibration: Calibration, target: int, *, metric: str = "taylor",
                      protected: list[int] | tuple[int, ...] = (), micro_batch: int = 8, progress: bool = False,
-                     kept: list[int] | None = None, selection: Selection | None = None) -> Selection:
+                     kept: list[int] | None = None, selection: Selection | None = None,
+                     backend: str = "hooks") -> Selection:
     """Remove ``target`` layers from ``model`` IN PLACE, one per scoring pass, lowest score first.
 
     Args:
@@ -89,6 +90,7 @@ def select_iterative(model: nn.Module, calibration: Calibration, target: int, *,
         protected: original indices that are never removed.
         kept: original index of each current layer (defaults to ``range(num_layers)``).
         selection: steps already taken (resuming); its removed layers must already be gone from ``model``.
+        backend: weight-gradient reduction backend (see :func:`gradmap.scoring.layer_scores`).
 
     Returns:
         The :class:`Selection` (removed original indices and per-step scores).
@@ -99,7 +101,7 @@ def select_iterative(model: nn.Module, calibration: Calibration, target: int, *,
     protected = set(int(p) for p in protected)
     while len(selection.removed) < target:
         scores, stats = layer_scores(model, calibration, metric, micro_batch=micro_batch, adapter=adapter,
-                                     progress=progress)
+                                     progress=progress, backend=backend)
         by_orig = {orig: float(s) for orig, s in zip(kept, scores.tolist())}
         candidates = [(s, orig) for orig, s in by_orig.items() if orig not in protected]
         _, victim = min(candidates)

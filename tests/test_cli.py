@@ -28,7 +28,7 @@ def test_prune_eval_score(model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "dense" in printed and "pruned" in printed and "compensated" in printed and str(out) in printed
     report = json.loads((out / "gradmap_report.json").read_text())
-    assert len(report["removed_layers"]) == 2 and report["settings"]["metric"] == "taylor"
+    assert len(report["removed_layers"]) == 2 and report["settings"]["metric"] == "grad_update_norm"
     assert set(report["perplexity"]) == {"dense", "pruned", "compensated"}
 
     assert main(args) == 2  # exists, no --overwrite

@@ -134,3 +134,26 @@ def test_fp16_overflow_detected():
                 p.fill_(float("inf"))
     with pytest.raises(ValueError, match="non-finite layer scores"):
         layer_scores(model, cal, "grad_l2")
+
+
+@pytest.mark.parametrize("metric", ["taylor", "grad_l1", "grad_l2"])
+def test_fused_backend_equals_hooks(metric):
+    model = tiny_model("llama")
+    cal = random_calibration(nsamples=4, seqlen=12, pad_last=3)
+    hooks, _ = layer_scores(model, cal, metric, micro_batch=2, backend="hooks")
+    fused, _ = layer_scores(model, cal, metric, micro_batch=2, backend="fused")
+    torch.testing.assert_close(fused, hooks, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="backend: 'cuda' is not one of hooks, fused"):
+        layer_scores(model, cal, metric, backend="cuda")
+
+
+def test_weight_reduction_is_accurate_on_large_matrices():
+    """fp32 reductions of a 4096x11008 gradient stay within 1e-5 of fp64 (naive summation was 11 % off)."""
+    from gradmap.scoring import reduce_gradient
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(4096, 11008, generator=g) * 1e-3
+    weight = torch.randn(4096, 11008, generator=g) * 0.02
+    want = {"grad_l1": grad.double().abs().sum(), "grad_l2": grad.double().square().sum(),
+            "taylor": (grad.double() * weight.double()).abs().sum()}
+    for metric, value in want.items():
+        assert reduce_gradient(metric, grad, weight).item() == pytest.approx(value.item(), rel=1e-5)

@@ -1,0 +1,307 @@
+"""Fused weight-gradient reductions (gradmap.kernels): the Triton kernel and the chunked PyTorch path equal the naive
+reference (materialized dW), the custom op passes opcheck, and fused scoring equals the reference layer scores.
+
+The Triton kernel runs in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1, set before anything imports
+triton), or on CUDA tensors where a GPU is present and the interpreter is off.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any import of triton (torch._dynamo imports it too)
+
+import importlib.util
+
+import pytest
+import torch
+
+from conftest import random_calibration, tiny_model
+from gradmap.adapters import get_adapter
+from gradmap.data import Calibration
+from gradmap.kernels import (ScoredLinear, fused_layer_scores, fused_linear_scoring, linear_grad_reduce,
+                             reference_linear_grad_reduce, resolve_backend, triton_interpreting)
+from gradmap.scoring import WEIGHT_METRICS, layer_scores, reference_layer_scores
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _triton_device():
+    """Where the Triton kernel can run here: CPU under the interpreter, else CUDA, else nowhere (None)."""
+    if not HAS_TRITON:
+        return None
+    if triton_interpreting():
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
+TRITON_DEVICE = _triton_device()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The shapes here are tiny: one intra-op thread is faster, and far faster when other jobs load the cores (a
+    2-thread op waits for a descheduled thread: the tiny-model scoring below took 13 s with 2 threads, 0.08 s with
+    1, on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="triton kernel needs CUDA or TRITON_INTERPRET=1")
+
+# Odd shapes: x [5, 123, 77] -> 615 tokens, out 45 (ragged in every tile dimension); a ragged token count with
+# several row tiles (out 150 > 2 x 64) and a partial token block; a single token.
+SHAPES = [((5, 123), 77, 45), ((97,), 70, 150), ((1,), 33, 65)]
+
+# Tolerances, against the fp64 reference computed from the SAME (already rounded) inputs. A product of two fp16 or
+# bf16 values is exact in fp32 and every path accumulates in fp32 (the chunked path and the interpreter upcast to
+# fp32 first, the GPU's tensor cores multiply exactly and accumulate in fp32), so the half-precision cases have the
+# same error as fp32: rounding of the fp32 accumulation and of the sums, measured at <= 3e-7 relative here (several
+# seeds, up to 2000 tokens). rtol 1e-5 for every dtype on the CPU. On CUDA the half-precision tolerance is 1e-4:
+# tensor-core fp32 accumulation does not round to nearest at every add, so its error grows faster with the token
+# count. What is NOT small is the distance to the fp32 values before rounding to fp16/bf16: that is the input
+# rounding itself (2^-11 / 2^-8 per element), covered by test_half_inputs_vs_unrounded with rtol 1e-2.
+RTOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+RTOL_CUDA = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+def _inputs(lead, in_f, out_f, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, in_f, generator=g)
+    dy = torch.randn(*lead, out_f, generator=g)
+    w = torch.randn(out_f, in_f, generator=g)
+    return x.to(device, dtype), dy.to(device, dtype), w.to(device, dtype)
+
+
+def _padding_mask(lead, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(*lead, generator=g) > 0.3
+
+
+def _check(got, want, dtype):
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    rtol = (RTOL_CUDA if got.is_cuda else RTOL)[dtype]
+    torch.testing.assert_close(got.cpu(), want.cpu(), rtol=rtol, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lead,in_f,out_f", SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_triton_matches_reference(lead, in_f, out_f, dtype, masked):
+    x, dy, w = _inputs(lead, in_f, out_f, dtype, TRITON_DEVICE)
+    mask = _padding_mask(lead).to(TRITON_DEVICE) if masked and lead != (1,) else None
+    want = reference_linear_grad_reduce(x, dy, w, mask)
+    _check(linear_grad_reduce(x, dy, w, mask, backend="triton"), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lead,in_f,out_f", SHAPES)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("chunk_rows", [0, 7])
+def test_chunked_matches_reference(lead, in_f, out_f, dtype, masked, chunk_rows):
+    x, dy, w = _inputs(lead, in_f, out_f, dtype)
+    mask = _padding_mask(lead) if masked and lead != (1,) else None
+    want = reference_linear_grad_reduce(x, dy, w, mask)
+    _check(linear_grad_reduce(x, dy, w, mask, backend="torch", chunk_rows=chunk_rows), want, dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_mask_equals_zeroed_rows_and_dropped_rows(backend):
+    """A token mask, zeroed dy rows and removing the rows all give the same sums."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x, dy, w = _inputs((4, 40), 50, 70, device=device)
+    mask = _padding_mask((4, 40)).to(device)
+    masked = linear_grad_reduce(x, dy, w, mask, backend=backend)
+    zeroed = linear_grad_reduce(x, dy * mask[..., None], w, backend=backend)
+    dropped = linear_grad_reduce(x[mask], dy[mask], w, backend=backend)
+    torch.testing.assert_close(masked, zeroed, rtol=1e-5, atol=0)
+    torch.testing.assert_close(masked, dropped, rtol=1e-5, atol=0)
+    # padding rows full of garbage (even inf) are ignored under the mask
+    x_bad = x.masked_fill(~mask[..., None], float("inf"))
+    torch.testing.assert_close(linear_grad_reduce(x_bad, dy, w, mask, backend=backend), masked, rtol=1e-5, atol=0)
+
+
+def test_half_inputs_vs_unrounded():
+    """bf16 inputs vs the fp32 values before rounding: the sums move by the input rounding only (well under 1 %)."""
+    x, dy, w = _inputs((3, 50), 64, 96)
+    exact = reference_linear_grad_reduce(x, dy, w)
+    for dtype in (torch.float16, torch.bfloat16):
+        got = linear_grad_reduce(x.to(dtype), dy.to(dtype), w.to(dtype), backend="torch")
+        torch.testing.assert_close(got, exact, rtol=1e-2, atol=0)
+
+
+def test_mixed_dtypes_and_zero_tokens():
+    x, dy, w = _inputs((30,), 20, 10)
+    want = reference_linear_grad_reduce(x, dy.bfloat16(), w)
+    torch.testing.assert_close(linear_grad_reduce(x, dy.bfloat16(), w, backend="torch"), want, rtol=1e-5, atol=0)
+    empty = linear_grad_reduce(x[:0], dy[:0], w, backend="torch")
+    assert torch.equal(empty, torch.zeros(3))
+
+
+@needs_triton
+def test_triton_mixed_dtypes_zero_tokens_and_strides():
+    x, dy, w = _inputs((30,), 20, 70, device=TRITON_DEVICE)
+    want = reference_linear_grad_reduce(x, dy.bfloat16(), w)
+    torch.testing.assert_close(linear_grad_reduce(x, dy.bfloat16(), w, backend="triton"), want, rtol=1e-5, atol=0)
+    assert torch.equal(linear_grad_reduce(x[:0], dy[:0], w, backend="triton").cpu(), torch.zeros(3))
+    # non-contiguous operands (transposed views, strided rows)
+    xt = torch.randn(20, 60, device=TRITON_DEVICE).t()[::2]
+    dyt = torch.randn(70, 60, device=TRITON_DEVICE).t()[::2]
+    wt = torch.randn(20, 70, device=TRITON_DEVICE).t()
+    torch.testing.assert_close(linear_grad_reduce(xt, dyt, wt, backend="triton"),
+                               reference_linear_grad_reduce(xt, dyt, wt), rtol=1e-5, atol=0)
+
+
+def test_validation_errors():
+    x, dy, w = _inputs((8,), 6, 5)
+    with pytest.raises(ValueError, match="dy must be"):
+        linear_grad_reduce(x, dy[:, :4], w, backend="torch")
+    with pytest.raises(ValueError, match="differ in their leading"):
+        linear_grad_reduce(x, dy[:7], w, backend="torch")
+    with pytest.raises(ValueError, match="token_mask must have"):
+        linear_grad_reduce(x, dy, w, torch.ones(7, dtype=torch.bool), backend="torch")
+    with pytest.raises(TypeError, match="accepted: float32"):
+        linear_grad_reduce(x.int(), dy, w, backend="torch")
+    with pytest.raises(ValueError, match="backend: 'cuda' is not one of auto, triton, torch"):
+        linear_grad_reduce(x, dy, w, backend="cuda")
+
+
+def test_backend_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    assert resolve_backend("torch", cpu, torch.float32) == "torch"
+    assert resolve_backend(None, cpu, torch.float64) == "torch"
+    monkeypatch.setenv("GRADMAP_GRAD_REDUCE", "torch")
+    assert resolve_backend(None, cpu, torch.float32) == "torch"
+    monkeypatch.setenv("GRADMAP_GRAD_REDUCE", "fast")
+    with pytest.raises(ValueError, match=r"\$GRADMAP_GRAD_REDUCE: 'fast'"):
+        resolve_backend(None, cpu, torch.float32)
+    monkeypatch.delenv("GRADMAP_GRAD_REDUCE")
+    want = "triton" if TRITON_DEVICE == "cpu" else "torch"
+    assert resolve_backend(None, cpu, torch.float32) == want
+    with pytest.raises(RuntimeError, match="float64"):
+        resolve_backend("triton", cpu, torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_opcheck(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    x, dy, w = _inputs((2, 9), 40, 70, device=device)
+    mask = _padding_mask((2, 9)).to(device)
+    for args in [(x, dy, w, None, backend, 0), (x, dy, w, mask, backend, 5)]:
+        torch.library.opcheck(torch.ops.gradmap.linear_grad_reduce.default, args)
+
+
+def test_compiles():
+    """The op is opaque to torch.compile (fake kernel) and gives the same sums compiled."""
+    x, dy, w = _inputs((16,), 24, 40)
+    fn = torch.compile(lambda a, b, c: linear_grad_reduce(a, b, c, backend="torch") * 2, backend="eager",
+                       fullgraph=True)
+    torch.testing.assert_close(fn(x, dy, w), 2 * reference_linear_grad_reduce(x, dy, w), rtol=1e-5, atol=0)
+
+
+def test_scored_linear_grads():
+    """ScoredLinear: dX equals the plain linear's, and acc gets exactly the metric sum of dW."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 20, requires_grad=True)
+    lin = torch.nn.Linear(20, 30).requires_grad_(False)
+    gy = torch.randn(3, 7, 30)
+    acc = torch.zeros(2)
+    ScoredLinear.apply(x, lin.weight, lin.bias, acc, 1, "taylor", "torch").backward(gy)
+    dx = x.grad.clone()
+    x.grad = None
+    lin.requires_grad_(True)
+    lin(x).backward(gy)
+    torch.testing.assert_close(dx, x.grad)
+    want = (lin.weight.grad.double() * lin.weight.detach().double()).abs().sum().float()
+    torch.testing.assert_close(acc, torch.stack([torch.tensor(0.0), want]), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="must not require grad"):
+        ScoredLinear.apply(x, lin.weight, lin.bias, acc, 0, "taylor")
+
+
+def _selection(scores):
+    return int(torch.argmin(scores))
+
+
+@pytest.mark.parametrize("metric", WEIGHT_METRICS)
+def test_fused_scores_equal_reference(metric):
+    """Whole model (tiny Llama, padded windows, 2 micro-batches): same scores as the naive reference and as the hook
+    path, and the same first layer removed."""
+    model = tiny_model("llama")
+    cal = random_calibration(nsamples=4, seqlen=12, pad_last=3)
+    got, stats = fused_layer_scores(model, cal, metric, micro_batch=2, backend="torch", chunk_rows=5)
+    want = reference_layer_scores(model, cal, metric, micro_batch=2)
+    hooks, _ = layer_scores(model, cal, metric, micro_batch=2)
+    assert got.shape == (6,) and got.dtype == torch.float32
+    assert stats.micro_batches == 2 and stats.tokens == cal.num_tokens
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got, hooks, rtol=1e-5, atol=0)
+    assert got.min() > 0
+    assert _selection(got) == _selection(want)
+
+
+@needs_triton
+@pytest.mark.parametrize("metric", WEIGHT_METRICS)
+def test_fused_scores_triton_equal_reference(metric):
+    """Whole model through the Triton kernel. On CUDA the reference runs on a CPU copy (reference_layer_scores
+    accumulates on the CPU), so the forward itself differs slightly between devices: rtol 1e-4 there."""
+    model = tiny_model("llama").to(TRITON_DEVICE)
+    cal = random_calibration(nsamples=2, seqlen=10, pad_last=3)
+    got, _ = fused_layer_scores(model, cal, metric, micro_batch=2, backend="triton")
+    want = reference_layer_scores(tiny_model("llama"), cal, metric, micro_batch=2)
+    torch.testing.assert_close(got, want, rtol=1e-4 if TRITON_DEVICE == "cuda" else 1e-5, atol=0)
+    assert _selection(got) == _selection(want)
+
+
+def test_padding_rows_contribute_nothing():
+    """Right padding: dy is exactly zero on padded rows, so scores with padding appended equal those without."""
+    model = tiny_model("llama")
+    cal = random_calibration(nsamples=2, seqlen=10)
+    padded = Calibration(torch.cat([cal.input_ids, torch.zeros(2, 4, dtype=torch.long)], dim=1),
+                         torch.cat([cal.attention_mask, torch.zeros(2, 4, dtype=torch.long)], dim=1))
+    a, _ = fused_layer_scores(model, cal, "taylor", backend="torch")
+    b, _ = fused_layer_scores(model, padded, "taylor", backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+    # and the dy rows themselves are zero at the padded positions
+    layer = get_adapter(model).layers(model)[3]
+    seen = []
+    acc = torch.zeros(6)
+    handle = layer.mlp.down_proj.register_full_backward_hook(lambda m, gin, gout: seen.append(gout[0].detach()))
+    try:
+        from gradmap.scoring import lm_loss_sum
+        with fused_linear_scoring(model, get_adapter(model).layers(model), "taylor", acc, backend="torch"):
+            loss, _ = lm_loss_sum(model, padded.input_ids, padded.attention_mask)
+            loss.backward()
+    finally:
+        handle.remove()
+    assert seen and torch.count_nonzero(seen[0][:, 10:]) == 0 and torch.count_nonzero(seen[0][:, :9]) > 0
+
+
+def test_context_restores_model_and_checks():
+    model = tiny_model("llama")
+    model.model.embed_tokens.weight.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused_layer_scores(model, random_calibration(nsamples=2, seqlen=8), "grad_l2", backend="torch")
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert not model.get_input_embeddings()._forward_hooks
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    with pytest.raises(ValueError, match="not one of grad_l1, grad_l2, taylor"):
+        fused_layer_scores(model, random_calibration(), "gate")
+    # a 2-D matrix that is not an nn.Linear weight is refused
+    layer = get_adapter(model).layers(model)[0]
+    layer.extra = torch.nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="not nn.Linear weights"):
+        fused_layer_scores(model, random_calibration(), "taylor", backend="torch")
+    del layer.extra
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_linear_called_twice_is_refused():
+    model = tiny_model("llama")
+    mlp = get_adapter(model).layers(model)[1].mlp
+    original = type(mlp).forward
+    mlp.forward = lambda x: original(mlp, x) + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)))
+    with pytest.raises(ValueError, match="ran more than once"):
+        fused_layer_scores(model, random_calibration(nsamples=2, seqlen=8), "taylor", backend="torch")
