@@ -24,10 +24,11 @@ def smollm():
 @pytest.fixture(scope="module")
 def run(smollm):
     model, tok = smollm
-    cal = build_calibration(tok, load_text("wiki", "calibration"), nsamples=8, seqlen=128, seed=0)
+    # the CLI defaults (16 x 256 calibration tokens, seed 0), evaluated on the first 8 x 1024 test tokens
+    cal = build_calibration(tok, load_text("wiki", "calibration"), nsamples=16, seqlen=256, seed=0)
     test_ids = tokenize(tok, load_text("wiki", "test"))
-    return prune(model, cal, num_layers=8, micro_batch=8, eval_tokens=test_ids, eval_seqlen=512,
-                 eval_max_tokens=4 * 512)  # default metric and compensation
+    return prune(model, cal, num_layers=8, micro_batch=8, eval_tokens=test_ids, eval_seqlen=1024,
+                 eval_max_tokens=8 * 1024)  # default metric and compensation
 
 
 def test_default_model_facts(smollm):
@@ -49,7 +50,10 @@ def test_prune_smollm_by_8_layers(run):
     ppl = {k: v["ppl"] for k, v in run.perplexity.items()}
     assert all(math.isfinite(v) for v in ppl.values())
     assert len(run.removed) == 8 and run.model.config.num_hidden_layers == 22
-    assert 15 < ppl["dense"] < 25
-    assert ppl["dense"] < ppl["compensated"] <= ppl["pruned"]
+    # measured (CLI quick start, same calibration, 16,368 test tokens): dense 17.74, pruned 68.41, compensated 59.09
+    assert sorted(run.removed) == [5, 12, 13, 14, 17, 18, 25, 26]
+    assert 15 < ppl["dense"] < 22
+    assert 50 < ppl["pruned"] < 90
+    assert ppl["compensated"] < 0.93 * ppl["pruned"]  # stage 2 recovers >= 7 % of the PPL (measured 13.6 %)
     assert run.compensation.fits and all(f.heldout_loss_after <= f.heldout_loss_before for f in run.compensation.fits)
     assert 0 not in run.removed and 29 not in run.removed  # first and last layers are never the least important
