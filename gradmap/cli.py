@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_counts(args) -> None:
+    """Reject negative token counts before any work (0 means "all tokens")."""
+    for name in ("eval_tokens", "tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 0 (0 = all tokens), got {value}")
+
+
 def _setup(args) -> None:
     import torch
 
@@ -199,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup(args)
     try:
+        _check_counts(args)
         return {"prune": cmd_prune, "score": cmd_score, "eval": cmd_eval}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as exc:
         print(f"gradmap {args.command}: error: {exc}", file=sys.stderr)

@@ -51,8 +51,13 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seqlen: int = 1024,
         :class:`Perplexity`.
 
     Raises:
-        ValueError: bad ``seqlen``/``stride``, ``seqlen`` above the model's limit, or fewer than 2 tokens.
+        ValueError: bad ``seqlen``/``stride``/``max_tokens``/``micro_batch``, ``seqlen`` above the model's limit, or
+            fewer than 2 tokens.
     """
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens: must be >= 2 (or None for all tokens), got {max_tokens}")
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch: must be >= 1, got {micro_batch}")
     stride = stride or seqlen
     if seqlen < 2:
         raise ValueError(f"seqlen: must be >= 2, got {seqlen}")

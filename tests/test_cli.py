@@ -69,3 +69,9 @@ def test_bad_input_named_errors(model_dir, tmp_path, capsys, extra, message):
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_negative_token_count_refused(model_dir, tmp_path, capsys):
+    """A negative --tokens used to slice the stream from the end and evaluate (almost) everything."""
+    assert main(["eval", "--model", str(model_dir), "--text", str(tmp_path / "calib.txt"), "--tokens", "-5", "-q"]) == 2
+    assert "--tokens: must be >= 0" in capsys.readouterr().err

@@ -97,6 +97,8 @@ def test_perplexity_errors():
         perplexity(model, ids, seqlen=16, stride=32)
     with pytest.raises(ValueError, match="need at least 2"):
         perplexity(model, ids[:1], seqlen=16)
+    with pytest.raises(ValueError, match="max_tokens: must be >= 2"):
+        perplexity(model, ids, seqlen=16, max_tokens=-5)
 
 
 def test_calibration_validation():
