@@ -31,11 +31,12 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> 
         if not overwrite:
             raise FileExistsError(f"output_dir: {str(path)!r} already exists; pass overwrite=True (--overwrite) "
                                   "to replace it")
+        if any(path.iterdir()) and not (path / "gradmap_report.json").is_file():
+            raise FileExistsError(f"output_dir: {str(path)!r} is a non-empty directory that is not a gradmap "
+                                  "checkpoint (no gradmap_report.json); --overwrite only replaces gradmap output")
     parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PermissionError(f"output_dir: cannot create parent directory {str(parent)!r}: {exc}") from exc
+    while not parent.exists():  # the nearest existing ancestor must be writable; nothing is created here
+        parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"output_dir: parent directory {str(parent)!r} is not writable")
     return path
@@ -56,6 +57,7 @@ def save_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike, 
         writing is re-raised after the temporary directory is removed; an existing ``output_dir`` is then untouched.
     """
     path = check_output_dir(output_dir, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     backup = None
     try:

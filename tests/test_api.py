@@ -139,6 +139,7 @@ def test_failed_save_leaves_nothing_and_keeps_old(tmp_path):
     old = tmp_path / "old"
     old.mkdir()
     (old / "marker").write_text("keep me")
+    (old / "gradmap_report.json").write_text("{}")
     with pytest.raises(RuntimeError):
         save_checkpoint(model, None, old, overwrite=True, extra={"report.json": boom})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
@@ -146,3 +147,15 @@ def test_failed_save_leaves_nothing_and_keeps_old(tmp_path):
     save_checkpoint(model, None, old, overwrite=True)
     assert not (old / "marker").exists() and (old / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+
+
+def test_overwrite_refuses_non_gradmap_directory(tmp_path):
+    """--overwrite once replaced any directory (a user's source tree was deleted); now only gradmap output."""
+    victim = tmp_path / "src"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a gradmap checkpoint"):
+        check_output_dir(victim, overwrite=True)
+    assert (victim / "thesis.tex").read_text() == "precious"
+    check_output_dir(tmp_path / "a" / "b" / "out")  # a missing parent is fine and is not created by the check
+    assert not (tmp_path / "a").exists()
