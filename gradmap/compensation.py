@@ -25,6 +25,7 @@ fold"; a fold is kept only if it lowers the held-out loss, otherwise the layer i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter
 from .data import Calibration
-from .projection import fold_projection_, gram_accumulate_, solve_ridge
+from .projection import gram_accumulate_, solve_ridge
 from .scoring import lm_loss_sum
 
 logger = logging.getLogger(__name__)
@@ -156,6 +157,10 @@ def fit_projection(dense: nn.Module, pruned: nn.Module, kept: list[int], positio
                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Stream the Gram statistics for kept layer ``position``: ``G = MᵀM`` and ``C = Mᵀ(Y − X + M)`` in fp64.
 
+    For families with a normalisation after the MLP (Gemma2/3 sandwich norm, :mod:`gradmap.adapters`), the target
+    ``Y − X + M`` is replaced by the pre-norm target ``rms(M) · (Y − X + N(M)) ⊘ g`` (derivation in
+    :mod:`gradmap.adapters`); ``M`` is still the ``down_proj`` output.
+
     ``dense_targets``, when given, holds the aligned dense hidden states per micro-batch (from :func:`mean_shifts`
     with ``keep_targets``); otherwise the dense model is run up to the aligned layer for every micro-batch.
 
@@ -165,8 +170,16 @@ def fit_projection(dense: nn.Module, pruned: nn.Module, kept: list[int], positio
     da, pa = get_adapter(dense), get_adapter(pruned)
     n_dense = len(da.layers(dense))
     aligned = aligned_dense_layer(kept, position, n_dense)
-    d = pa.down_proj(pa.layers(pruned)[position]).out_features
+    layer = pa.layers(pruned)[position]
+    d = pa.mlp_out_features(layer)
+    norm = pa.post_mlp_norm(layer)
     device = next(pruned.parameters()).device
+    gain_inv = None
+    if norm is not None:
+        # RMSNorm gain g: N(c·1) = g for a large constant vector (rms = c, eps negligible).
+        with torch.no_grad():
+            gain = norm(torch.full((1, d), 1e3, dtype=next(pruned.parameters()).dtype, device=device)).double()[0]
+        gain_inv = torch.where(gain.abs() > 1e-6, 1.0 / gain, torch.zeros_like(gain))
     G = torch.zeros(d, d, dtype=torch.float64, device=device)
     C = torch.zeros(d, d, dtype=torch.float64, device=device)
     tokens = 0
@@ -174,12 +187,55 @@ def fit_projection(dense: nn.Module, pruned: nn.Module, kept: list[int], positio
         real = mask.bool().flatten().to(device)
         y = dense_targets[b] if dense_targets is not None else _capture(dense, da, ids, mask, {aligned: None})[aligned]
         got = _capture(pruned, pa, ids, mask, {position: None}, down_of=position)
-        m = got["down"].flatten(0, 1)[real]
+        m = got["down"].reshape(-1, d)[real]  # OPT's fc2 sees [batch * seqlen, ffn] already flattened
         x = got[position].flatten(0, 1)[real]
         y = y.flatten(0, 1)[real.to(y.device)].to(device)
-        gram_accumulate_(G, C, m, (y.double() - x.double() + m.double()))
+        if norm is None:
+            target = y.double() - x.double() + m.double()
+        else:  # sandwich norm: pre-norm target Z = rms(M) · (Y − X + N(M)) ⊘ g (module docstring of adapters)
+            with torch.no_grad():
+                nm = norm(m).double()
+            rms = m.double().square().mean(-1, keepdim=True).sqrt()
+            target = rms * (y.double() - x.double() + nm) * gain_inv
+        gram_accumulate_(G, C, m, target)
         tokens += int(real.sum())
     return G, C, tokens
+
+
+MAX_CONDITION = 1e10
+
+
+def conditioned_ridge(G: torch.Tensor, ridge: float, max_condition: float = MAX_CONDITION
+                      ) -> tuple[float | None, float]:
+    """Smallest ridge ``λ' ≥ ridge`` (``ridge`` times powers of 10, from 1e-8 when ``ridge`` is 0) for which
+    ``G + λ'·mean(diag(G))·I`` has a 2-norm condition number at most ``max_condition``.
+
+    A near-singular Gram matrix (collinear down-projection outputs, e.g. few calibration tokens or a dead MLP) makes
+    the unregularised solve amplify noise into a garbage ``T``; raising λ bounds that amplification. The condition
+    number comes from the eigenvalues of the symmetric ``G`` (fp64), so raising the ridge costs no extra solve.
+
+    Args:
+        G: ``[d, d]`` symmetric PSD Gram matrix.
+        ridge: requested relative ridge (≥ 0).
+
+    Returns:
+        ``(λ', condition number at λ')``; ``(None, inf)`` if ``G`` is zero or non-finite (nothing to fit).
+    """
+    G64 = G.double()
+    if not torch.isfinite(G64).all():
+        return None, float("inf")
+    eig = torch.linalg.eigvalsh(G64).clamp_min(0.0)
+    scale = float(torch.diagonal(G64).mean())
+    if scale <= 0:
+        return None, float("inf")
+    lam = float(ridge)
+    for _ in range(40):
+        alpha = lam * scale
+        cond = float((eig.max() + alpha) / (eig.min() + alpha)) if float(eig.min()) + alpha > 0 else float("inf")
+        if cond <= max_condition:
+            return lam, cond
+        lam = lam * 10 if lam > 0 else 1e-8
+    return None, float("inf")
 
 
 @dataclass
@@ -237,8 +293,8 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
         ValueError: unknown mode, negative ridge, or fewer than 2 calibration windows when compensating.
     """
     check_mode(mode)
-    if ridge is not None and ridge < 0:
-        raise ValueError(f"ridge: must be >= 0, got {ridge}")
+    if ridge is not None and not (math.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge: must be a finite number >= 0, got {ridge}")
     start = time.perf_counter()
     result = CompensationResult(mode=mode)
     if mode == "none":
@@ -269,18 +325,30 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
         t0 = time.perf_counter()
         G, C, tokens = fit_projection(dense, pruned, kept, position, fit_set, micro_batch=micro_batch,
                                       dense_targets=targets.pop(position) if targets else None)
-        down = adapter.down_proj(adapter.layers(pruned)[position])
+        layer = adapter.layers(pruned)[position]
+        down = adapter.down_proj(layer)
         original_w = down.weight.detach().clone()
         original_b = down.bias.detach().clone() if down.bias is not None else None
         candidates: dict[str, float] = {"none": base_loss}
         best = ("none", base_loss, None)
-        for lam in ((ridge,) if ridge is not None else RIDGE_GRID):
+        raised: list[str] = []
+        for requested in ((ridge,) if ridge is not None else RIDGE_GRID):
+            lam, cond = conditioned_ridge(G, requested)
+            if lam is None:
+                raised.append(f"ridge {requested:g}: no ridge up to 1e32 conditions it (zero or non-finite); skipped")
+                candidates[f"{requested:g}"] = float("nan")
+                continue
+            if lam != requested:
+                raised.append(f"ridge {requested:g} raised to {lam:g} (Gram matrix condition number {cond:.3g})")
             try:
                 T = solve_ridge(G, C, lam)
             except torch.linalg.LinAlgError:
                 candidates[f"{lam:g}"] = float("nan")
                 continue
-            fold_projection_(down.weight, T, down.bias)
+            if not torch.isfinite(T).all():
+                candidates[f"{lam:g}"] = float("nan")
+                continue
+            adapter.fold_into_mlp_out_(layer, T)
             loss = heldout_loss(pruned, held, micro_batch)
             candidates[f"{lam:g}"] = loss
             if loss < best[1]:
@@ -291,8 +359,11 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
                     down.bias.copy_(original_b)
         applied = best[2] is not None
         note = ""
+        for r in raised:
+            result.notes.append(f"layer {kept[position]}: ill-conditioned Gram matrix: {r}")
+            logger.warning("stage 2: layer %d: ill-conditioned Gram matrix: %s", kept[position], r)
         if applied:
-            fold_projection_(down.weight, best[2], down.bias)
+            adapter.fold_into_mlp_out_(layer, best[2])
         else:
             note = "no ridge lowered the held-out loss: fold skipped, layer left unchanged"
             result.notes.append(f"layer {kept[position]}: {note}")

@@ -8,21 +8,35 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedTokenizerFast, Qwen2Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, FalconConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig,
+                          MistralConfig, OPTConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
+from gradmap.adapters import get_adapter
 from gradmap.data import Calibration
 
 VOCAB = 96
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
-              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+NUM_LAYERS = 6
+TOKENS = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+COMMON = dict(**TOKENS, hidden_size=32, intermediate_size=64, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False)
 
 CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON),
     "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**COMMON, use_sliding_window=False),
     "qwen3": lambda: Qwen3Config(**COMMON, head_dim=8),
+    "phi3": lambda: Phi3Config(**COMMON),
+    # sliding window 8 < the 16-token windows and 24-token generations of the tests, so the local layers matter;
+    # layer_types alternate sliding / full, so trimming them in step is checked
+    "gemma2": lambda: Gemma2Config(**COMMON, head_dim=8, sliding_window=8),
+    "gemma3_text": lambda: Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=8,
+                                            layer_types=["sliding_attention", "full_attention"] * 3),
+    "gpt2": lambda: GPT2Config(**TOKENS, n_embd=32, n_inner=64, n_layer=NUM_LAYERS, n_head=4, n_positions=128,
+                               tie_word_embeddings=False),
+    "opt": lambda: OPTConfig(**TOKENS, hidden_size=32, ffn_dim=64, word_embed_proj_dim=32, num_hidden_layers=NUM_LAYERS,
+                             num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=False),
+    "falcon": lambda: FalconConfig(**TOKENS, hidden_size=32, num_hidden_layers=NUM_LAYERS, num_attention_heads=4,
+                                   max_position_embeddings=128, tie_word_embeddings=False),
 }
 FAMILIES = tuple(CONFIGS)
 
@@ -35,8 +49,8 @@ def tiny_model(family: str = "llama", seed: int = 0, tied: bool = False, dtype=t
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # Random init has tiny residual branches; scale them up so layers matter and scores differ clearly.
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "layers" in name:
+        for p in get_adapter(model).layers(model).parameters():
+            if p.dim() == 2:
                 p.mul_(4.0)
     return model.eval()
 
