@@ -17,16 +17,21 @@ from gradmap.checkpoint import check_output_dir, save_checkpoint
 RELOAD = textwrap.dedent("""
     import json, sys, torch
     from transformers import AutoModelForCausalLM
-    path, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
+    path, ids, layers_path = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
     m = AutoModelForCausalLM.from_pretrained(path).eval()
+    layers = m
+    for name in layers_path.split("."):
+        layers = getattr(layers, name)
     assert not any(k.startswith("gradmap") for k in sys.modules), "gradmap was imported"
     with torch.no_grad():
         logits = m(ids).logits
     cached = m.generate(ids[:1, :4], max_new_tokens=20, do_sample=False, use_cache=True, pad_token_id=0)
     plain = m.generate(ids[:1, :4], max_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0)
     torch.save({"logits": logits, "cached": cached, "plain": plain,
-                "tied": m.lm_head.weight.data_ptr() == m.get_input_embeddings().weight.data_ptr(),
-                "layer_idx": [l.self_attn.layer_idx for l in m.model.layers],
+                "tied": m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr(),
+                "layer_idx": [sorted({x.layer_idx for x in l.modules() if isinstance(getattr(x, "layer_idx", None), int)})
+                              for l in layers],
+                "num_layers": len(layers), "layer_types": getattr(m.config, "layer_types", None),
                 "num_hidden_layers": m.config.num_hidden_layers}, path + "/reloaded.pt")
 """)
 
@@ -47,15 +52,21 @@ def test_prune_save_reload_plain_transformers(family, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
     with safe_open(str(out / "model.safetensors"), "pt") as fh:
         keys = list(fh.keys())
-    assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys  # tied: saved once
+    embed_key = next(n for n, p in result.model.named_parameters() if p is result.model.get_input_embeddings().weight)
+    assert embed_key in keys and not any(k.startswith("lm_head") for k in keys)  # tied: saved once
     ids = random_calibration(nsamples=2, seqlen=10, seed=5).input_ids
-    subprocess.run([sys.executable, "-c", RELOAD, str(out), json.dumps(ids.tolist())], check=True)
+    layers_path = get_adapter(model).layers_path
+    subprocess.run([sys.executable, "-c", RELOAD, str(out), json.dumps(ids.tolist()), layers_path], check=True)
     got = torch.load(out / "reloaded.pt")
     with torch.no_grad():
         want = result.model(ids).logits
     torch.testing.assert_close(got["logits"], want, rtol=0, atol=0)
     assert torch.equal(got["cached"], got["plain"]) and got["cached"].shape[1] == 24
-    assert got["tied"] and got["layer_idx"] == [0, 1, 2, 3] and got["num_hidden_layers"] == 4
+    assert got["tied"] and got["layer_idx"] == [[0], [1], [2], [3]]
+    assert got["num_hidden_layers"] == 4 and got["num_layers"] == 4
+    dense_types = getattr(model.config, "layer_types", None)
+    if dense_types is not None:  # per-layer lists trimmed in step with the layers
+        assert got["layer_types"] == [dense_types[i] for i in result.kept]
     report = json.loads((out / "gradmap_report.json").read_text())
     assert report["removed_layers"] == sorted(result.removed)
     assert len(report["steps"]) == 2 and len(report["steps"][0]["scores"]) == 6
