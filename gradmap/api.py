@@ -13,13 +13,14 @@ from torch import nn
 
 from .adapters import get_adapter
 from .checkpoint import json_writer, save_checkpoint
-from .compensation import CompensationResult, check_mode, compensate
+from .compensation import CompensationResult, compensate
 from .data import Calibration
 from .evaluation import perplexity
 from .models import validate_model
-from .pruning import Selection, resolve_target, select_iterative
+from .pruning import Selection, select_iterative
 from .report import environment, plot_scores
 from .scoring import BACKENDS, check_metric
+from .validation import ModelLimits, check_prune_plan
 
 logger = logging.getLogger(__name__)
 
@@ -141,18 +142,20 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
             on the meta device or quantized, or non-finite scores / Gram matrices.
     """
     check_metric(metric)
-    check_mode(compensate_mode)
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     validate_model(model)
     adapter = get_adapter(model)
     n_dense = len(adapter.layers(model))
-    target = resolve_target(n_dense, num_layers, ratio, protected)
+    # every argument is checked here, before the first forward pass (gradmap.validation)
+    limits = ModelLimits(model.config.model_type, n_dense, getattr(model.config, "max_position_embeddings", None))
+    target = check_prune_plan(limits, num_layers=num_layers, ratio=ratio,
+                              protected=protected, nsamples=calibration.nsamples, compensate=compensate_mode,
+                              ridge=ridge, micro_batch=micro_batch,
+                              eval_seqlen=eval_seqlen if eval_tokens is not None else None)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and calibration.seqlen > limit:
         raise ValueError(f"calibration: seqlen {calibration.seqlen} exceeds the model's maximum {limit}")
-    if micro_batch < 1:
-        raise ValueError(f"micro_batch: must be >= 1, got {micro_batch}")
     torch.manual_seed(seed)
     settings = {"num_layers": target, "ratio": ratio, "metric": metric, "compensate": compensate_mode,
                 "ridge": ridge, "protected": sorted(int(p) for p in protected), "micro_batch": micro_batch,

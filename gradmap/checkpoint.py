@@ -1,7 +1,11 @@
 """Writing the pruned checkpoint atomically: a temporary directory beside the target, renamed into place.
 
 An exception or a kill at any point leaves either the previous state of ``output_dir`` or the complete new one, never
-a half-written checkpoint (only a hidden ``.<name>.tmp-*`` directory may remain after a hard kill; it is never read).
+a half-written checkpoint. After a hard kill (SIGKILL, power loss) a hidden ``.<name>.tmp-*`` (or ``.<name>.old-*``)
+directory may remain; it is never read, and the next save to the same ``output_dir`` removes it. Only directories
+that gradmap created are removed: each holds a ``.gradmap-partial`` marker naming the host and process that wrote it,
+and one is removed only if that process is no longer running on this host. The output directory gets the usual
+permissions of a new directory (``0777`` minus the umask), not ``mkdtemp``'s private ``0700``.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -42,6 +47,54 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> 
     return path
 
 
+MARKER = ".gradmap-partial"
+
+
+def _make_partial_dir(parent: Path, prefix: str) -> Path:
+    """``mkdtemp`` beside the output, with normal umask permissions and a marker identifying this process."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    (tmp / MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}), encoding="utf-8")
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_partials(path: Path) -> list[Path]:
+    """Remove leftover ``.<name>.tmp-*`` / ``.<name>.old-*`` directories of earlier, killed saves to ``path``.
+
+    A directory is removed only if it holds gradmap's marker and the process named there is not running on this
+    host (a save in progress elsewhere, or anything gradmap did not create, is left alone).
+
+    Returns:
+        The removed directories.
+    """
+    removed = []
+    for prefix in (f".{path.name}.tmp-", f".{path.name}.old-"):
+        for candidate in path.parent.glob(prefix + "*"):
+            marker = candidate / MARKER
+            if not candidate.is_dir() or not marker.is_file():
+                continue
+            try:
+                owner = json.loads(marker.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1))):
+                shutil.rmtree(candidate, ignore_errors=True)
+                removed.append(candidate)
+    return removed
+
+
 def save_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike, *, overwrite: bool = False,
                     extra: dict[str, Callable[[Path], None]] | None = None) -> Path:
     """Save ``model`` (``save_pretrained``, safetensors) and ``tokenizer`` to ``output_dir`` atomically.
@@ -58,7 +111,8 @@ def save_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike, 
     """
     path = check_output_dir(output_dir, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    clean_stale_partials(path)
+    tmp = _make_partial_dir(path.parent, f".{path.name}.tmp-")
     backup = None
     try:
         model.save_pretrained(tmp)
@@ -66,8 +120,9 @@ def save_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike, 
             tokenizer.save_pretrained(tmp)
         for name, writer in (extra or {}).items():
             writer(tmp / name)
+        (tmp / MARKER).unlink()
         if path.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            backup = _make_partial_dir(path.parent, f".{path.name}.old-")
             os.replace(path, backup / "old")
         os.replace(tmp, path)
     except BaseException:

@@ -102,13 +102,64 @@ def _check_counts(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 0 (0 = all tokens), got {value}")
 
 
+CLI_NAMES = {"num_layers": "--num-layers", "ratio": "--ratio", "protected": "--protected", "seqlen": "--seqlen",
+             "nsamples": "--nsamples", "ridge": "--ridge", "micro_batch": "--micro-batch",
+             "eval_seqlen": "--eval-seqlen", "compensate": "--compensate", "text": "--text"}
+
+
+def _cli_names(exc: ValueError, names: dict[str, str] = CLI_NAMES) -> ValueError:
+    """Rewrite a leading ``keyword:`` of an API error into the command-line flag (``num_layers:`` → ``--num-layers:``)."""
+    msg = str(exc)
+    head, sep, tail = msg.partition(":")
+    return ValueError(f"{names[head]}:{tail}") if sep and head in names else exc
+
+
 def _setup(args) -> None:
     import torch
 
+    from .validation import check_device, check_threads
+
+    check_threads(args.threads)
+    check_device(args.device)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if args.quiet:  # -q also silences the progress bars of transformers / huggingface_hub (weight loading)
+        import huggingface_hub.utils
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+        huggingface_hub.utils.disable_progress_bars()
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def _model_limits(args):
+    """Validate ``--model`` from its files and config alone (no weights read); return its :class:`ModelLimits`."""
+    from transformers import AutoConfig
+
+    from .models import resolve_model_path
+    from .validation import ModelLimits, check_model_dir
+
+    path = resolve_model_path(args.model)
+    check_model_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"--model: {str(path)!r} has a config.json that transformers cannot read: {exc}") from None
+    try:
+        return ModelLimits.from_config(config)
+    except (AttributeError, TypeError):
+        raise ValueError(f"--model: {str(path)!r} (model_type {getattr(config, 'model_type', None)!r}) is not a "
+                         "decoder-only causal LM (no num_hidden_layers)") from None
+
+
+def _text_split(source: str, role: str, other: str | None) -> str:
+    """Which part of ``source`` to use for ``role`` ("calibration"/"test"): the bundled text is always split; a user
+    file only when the same file serves both roles (otherwise it is used whole)."""
+    if source == "wiki" or source == other:
+        return role
+    return "all"
 
 
 def _load(args):
@@ -118,10 +169,10 @@ def _load(args):
     return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
-def _calibration(args, model, tokenizer):
+def _calibration(args, model, tokenizer, split: str = "calibration"):
     from .data import build_calibration, load_text
 
-    text = load_text(args.text, "calibration")
+    text = load_text(args.text, split)
     return build_calibration(tokenizer, text, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                              source=args.text, max_length=getattr(model.config, "max_position_embeddings", None))
 
@@ -131,23 +182,43 @@ def cmd_prune(args) -> int:
     from .api import prune
     from .checkpoint import check_output_dir
     from .data import load_text, tokenize
-    from .models import parse_dtype, resolve_model_path
+    from .models import parse_dtype
+    from .validation import check_prune_plan
 
+    # Every check that needs no weights runs first: a bad flag fails in well under a second.
     parse_dtype(args.dtype)
-    check_output_dir(args.output, args.overwrite)  # fail before any long work
-    for text, wanted in ((args.text, True), (args.eval_text, not args.no_eval)):
-        if wanted and text != "wiki":
-            load_text(text)  # a missing text file fails now, not after the model has loaded
-    resolve_model_path(args.model)
+    check_output_dir(args.output, args.overwrite)
+    eval_text = None if args.no_eval else args.eval_text
+    if not args.no_eval and args.eval_tokens not in (0, None) and args.eval_tokens < 2:
+        raise ValueError(f"--eval-tokens: must be 0 (all tokens) or >= 2, got {args.eval_tokens}")
+    calib_split = _text_split(args.text, "calibration", eval_text)
+    for flag, text, split in (("--text", args.text, calib_split),
+                              ("--eval-text", eval_text, _text_split(eval_text or "", "test", args.text))):
+        if text is not None and text != "wiki":
+            try:
+                load_text(text, split)  # a missing or too short file fails now, not after the model has loaded
+            except (FileNotFoundError, ValueError) as exc:
+                raise type(exc)(f"{flag}: {str(exc).partition(': ')[2]}") from None
+    limits = _model_limits(args)
+    try:
+        check_prune_plan(limits, num_layers=args.num_layers, ratio=args.ratio, protected=args.protected,
+                         seqlen=args.seqlen, nsamples=args.nsamples, compensate=args.compensate, ridge=args.ridge,
+                         micro_batch=args.micro_batch, eval_seqlen=None if args.no_eval else args.eval_seqlen,
+                         names=CLI_NAMES)
+    except ValueError as exc:
+        raise _cli_names(exc) from None
     model, tokenizer = _load(args)
-    calibration = _calibration(args, model, tokenizer)
-    eval_ids = None if args.no_eval else tokenize(tokenizer, load_text(args.eval_text, "test"))
+    calibration = _calibration(args, model, tokenizer, calib_split)
+    eval_ids = None
+    if not args.no_eval:
+        eval_ids = tokenize(tokenizer, load_text(args.eval_text, _text_split(args.eval_text, "test", args.text)))
     result = prune(model, calibration, num_layers=args.num_layers, ratio=args.ratio, metric=args.metric,
                    compensate_mode=args.compensate, ridge=args.ridge, protected=args.protected,
                    micro_batch=args.micro_batch, eval_tokens=eval_ids, eval_seqlen=args.eval_seqlen,
                    eval_max_tokens=args.eval_tokens or None, seed=args.seed, inplace=True, backend=args.backend,
                    progress=not args.quiet)
-    result.settings.update(model=str(args.model), dtype=args.dtype, text=args.text, eval_text=args.eval_text)
+    result.settings.update(model=str(args.model), dtype=args.dtype, text=args.text, eval_text=args.eval_text,
+                           text_split=calib_split)
     path = result.save(args.output, tokenizer, overwrite=args.overwrite)
     print()
     print(f"removed layers (original indices): {sorted(result.removed)}  (removal order {result.removed})")
@@ -167,9 +238,19 @@ def cmd_prune(args) -> int:
 def cmd_score(args) -> int:
     """``gradmap score``: one scoring pass over the calibration set, every layer's score."""
     from .scoring import layer_scores
+    from .validation import check_positive
 
+    limits = _model_limits(args)
+    try:
+        check_positive(args.nsamples, "--nsamples")
+        check_positive(args.micro_batch, "--micro-batch")
+        check_positive(args.seqlen, "--seqlen", minimum=2)
+    except ValueError as exc:
+        raise _cli_names(exc) from None
+    if limits.max_length is not None and args.seqlen > limits.max_length:
+        raise ValueError(f"--seqlen: {args.seqlen} exceeds the model's maximum sequence length {limits.max_length}")
     model, tokenizer = _load(args)
-    calibration = _calibration(args, model, tokenizer)
+    calibration = _calibration(args, model, tokenizer, _text_split(args.text, "calibration", None))
     scores, stats = layer_scores(model, calibration, args.metric, micro_batch=args.micro_batch,
                                  progress=not args.quiet)
     order = sorted(range(len(scores)), key=lambda i: float(scores[i]))
@@ -190,8 +271,16 @@ def cmd_eval(args) -> int:
     from .data import load_text, tokenize
     from .evaluation import perplexity
 
+    limits = _model_limits(args)
+    if args.seqlen < 2 or (limits.max_length is not None and args.seqlen > limits.max_length):
+        raise ValueError(f"--seqlen: must be in [2, {limits.max_length}] (the model's maximum), got {args.seqlen}")
+    if args.stride is not None and not 1 <= args.stride <= args.seqlen:
+        raise ValueError(f"--stride: must be in [1, --seqlen={args.seqlen}] (unset: = seqlen), got {args.stride}")
+    if args.tokens not in (0, None) and args.tokens < 2:
+        raise ValueError(f"--tokens: must be 0 (all tokens) or >= 2, got {args.tokens}")
+    text = load_text(args.text, _text_split(args.text, "test", None))
     model, tokenizer = _load(args)
-    ids = tokenize(tokenizer, load_text(args.text, "test"))
+    ids = tokenize(tokenizer, text)
     r = perplexity(model, ids, seqlen=args.seqlen, stride=args.stride, max_tokens=args.tokens or None,
                    progress=not args.quiet)
     if args.json:
@@ -203,15 +292,24 @@ def cmd_eval(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``gradmap`` command; returns the exit status (2 on bad input)."""
+    """Entry point of the ``gradmap`` command; returns the exit status.
+
+    Bad input (a named ``ValueError``, a missing/unwritable path) prints one line ``gradmap: error: ...`` to stderr
+    and returns 2, like argparse's own usage errors; Ctrl-C prints ``gradmap: interrupted`` and returns 130. Any
+    other exception is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
-    _setup(args)
     try:
+        _setup(args)
         _check_counts(args)
         return {"prune": cmd_prune, "score": cmd_score, "eval": cmd_eval}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as exc:
-        print(f"gradmap {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"gradmap: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("gradmap: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

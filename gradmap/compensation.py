@@ -290,7 +290,9 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
         :class:`CompensationResult`.
 
     Raises:
-        ValueError: unknown mode, negative ridge, or fewer than 2 calibration windows when compensating.
+        ValueError: unknown mode, negative/NaN ridge, fewer than 2 calibration windows when compensating, or a
+            Gram matrix with NaN/inf (fp16 overflow). An ill-conditioned Gram matrix is not an error: the ridge is
+            raised (:func:`conditioned_ridge`) and the raise is reported in ``notes``.
     """
     check_mode(mode)
     if ridge is not None and not (math.isfinite(ridge) and ridge >= 0):
@@ -325,6 +327,9 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
         t0 = time.perf_counter()
         G, C, tokens = fit_projection(dense, pruned, kept, position, fit_set, micro_batch=micro_batch,
                                       dense_targets=targets.pop(position) if targets else None)
+        if not (torch.isfinite(G).all() and torch.isfinite(C).all()):
+            raise ValueError(f"stage 2: the Gram matrix of layer {kept[position]} holds NaN/inf: the activations "
+                             "overflowed (float16?); rerun with dtype bfloat16 or float32, or compensate 'none'")
         layer = adapter.layers(pruned)[position]
         down = adapter.down_proj(layer)
         original_w = down.weight.detach().clone()

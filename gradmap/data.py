@@ -3,7 +3,8 @@
 Default text: the English Wikipedia articles shipped in gensim's test data (a 2016 MediaWiki XML export, CC BY-SA),
 wiki markup stripped with ``mwparserfromhell``. The articles are split by article, never inside one: the first 80 %
 (in file order) are the calibration split, the last 20 % the test split, so no test text is seen while pruning.
-Any user text file (e.g. WikiText-2's ``wiki.test.raw``) can be used instead.
+Any user text file (e.g. WikiText-2's ``wiki.test.raw``) can be used instead; one file used for both calibration and
+evaluation is split the same way (first 80 % / last 20 %, at a line break; see :func:`load_text`).
 """
 
 from __future__ import annotations
@@ -79,26 +80,44 @@ def load_text(source: str | os.PathLike = WIKI, split: str = "calibration") -> s
     """Return the text of ``split`` of ``source``.
 
     Args:
-        source: ``"wiki"`` (bundled Wikipedia articles, split 80/20 by article) or a path to a UTF-8 text file. A user
-            file is not split: the same file is used for whatever split is asked for, so give a separate
-            calibration and test file (e.g. WikiText-2 ``wiki.train.raw`` and ``wiki.test.raw``).
-        split: ``"calibration"`` or ``"test"``.
+        source: ``"wiki"`` (bundled Wikipedia articles, split 80/20 by article) or a path to a UTF-8 text file.
+        split: ``"calibration"``, ``"test"`` or ``"all"``. A user file is split deterministically at the first line
+            break at or after 80 % of its characters (no line break there: at exactly 80 %): ``"calibration"`` is
+            the part before, ``"test"`` the part after, so calibrating and evaluating on the same file never sees a
+            test token while pruning. ``"all"`` returns the whole file (use it when the calibration and test texts
+            are different files). For ``"wiki"``, ``"all"`` is every article.
 
     Raises:
-        ValueError: for an unknown split.
+        ValueError: for an unknown split, or a split of a user file that comes out empty.
         FileNotFoundError: if the file does not exist.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split: {split!r} is not one of {SPLITS}")
+    if split not in SPLITS + ("all",):
+        raise ValueError(f"split: {split!r} is not one of {SPLITS + ('all',)}")
     if str(source) == WIKI:
         articles = wiki_articles()
         cut = int(len(articles) * _CALIBRATION_FRACTION)
-        chosen = articles[:cut] if split == "calibration" else articles[cut:]
+        chosen = {"calibration": articles[:cut], "test": articles[cut:], "all": articles}[split]
         return "\n\n".join(a["text"] for a in chosen)
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"text: file {str(path)!r} does not exist (give a text file or {WIKI!r})")
-    return path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8")
+    if split == "all":
+        return text
+    cut = split_point(text)
+    part = text[:cut] if split == "calibration" else text[cut:]
+    if not part.strip():
+        raise ValueError(f"text: the {split} part of {str(path)!r} (split at character {cut} of {len(text)}) is empty; "
+                         "give a longer file or separate calibration and test files")
+    return part
+
+
+def split_point(text: str, fraction: float = _CALIBRATION_FRACTION) -> int:
+    """Character index where a user text is split into calibration (before) and test (after): the first line break
+    at or after ``fraction`` of the characters, or exactly ``int(fraction * len(text))`` if there is none."""
+    cut = int(len(text) * fraction)
+    newline = text.find("\n", cut)
+    return newline + 1 if newline >= 0 else cut
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

@@ -44,7 +44,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seqlen: int = 1024,
     Args:
         token_ids: LongTensor ``[num_tokens]``; only the first ``max_tokens`` are used when given.
         seqlen: window length in tokens (≤ the model's ``max_position_embeddings``).
-        stride: tokens between window starts (default ``seqlen``; must be in [1, seqlen]).
+        stride: tokens between window starts (``None``: ``seqlen``; otherwise must be in [1, seqlen]; 0 is refused).
         micro_batch: windows per forward.
 
     Returns:
@@ -58,7 +58,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seqlen: int = 1024,
         raise ValueError(f"max_tokens: must be >= 2 (or None for all tokens), got {max_tokens}")
     if micro_batch < 1:
         raise ValueError(f"micro_batch: must be >= 1, got {micro_batch}")
-    stride = stride or seqlen
+    stride = seqlen if stride is None else stride
     if seqlen < 2:
         raise ValueError(f"seqlen: must be >= 2, got {seqlen}")
     if not 1 <= stride <= seqlen:

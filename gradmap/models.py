@@ -140,13 +140,17 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtyp
         ``(model, tokenizer)``: the ``*ForCausalLM`` in eval mode and its tokenizer.
 
     Raises:
-        FileNotFoundError: if the path is missing or not a model directory.
+        FileNotFoundError: if the path is missing, not a model directory, or lacks weights or tokenizer files
+            (:func:`gradmap.validation.check_model_dir`).
         ValueError: if the directory is not a causal LM, is quantized, or the dtype is unknown.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .validation import check_model_dir
+
     torch_dtype = parse_dtype(dtype)
     path = resolve_model_path(model)
+    check_model_dir(path)  # config-only directory, GGUF without weights, missing tokenizer: clear errors
     config = AutoConfig.from_pretrained(path)
     if getattr(config, "quantization_config", None) is not None:
         raise ValueError(f"model: {str(path)!r} is quantized ({config.quantization_config}); gradmap needs a "

@@ -49,10 +49,10 @@ def test_prune_eval_score(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize("extra,message", [
     (["--model", "/nonexistent/model"], "model: path '/nonexistent/model' does not exist"),
     (["--metric", "fisher"], None),  # argparse rejects it (exit 2 via SystemExit)
-    (["--num-layers", "6"], "num_layers: must be between 1 and 5"),
+    (["--num-layers", "6"], "--num-layers: must be between 1 and 5"),
     (["--seqlen", "4096"], "exceeds the model's maximum sequence length 128"),
     (["--nsamples", "100000"], "holds only"),
-    (["--text", "/nonexistent.txt"], "text: file '/nonexistent.txt' does not exist"),
+    (["--text", "/nonexistent.txt"], "--text: file '/nonexistent.txt' does not exist"),
 ])
 def test_bad_input_named_errors(model_dir, tmp_path, capsys, extra, message):
     base = {"--model": str(model_dir), "--text": str(tmp_path / "calib.txt"), "--num-layers": "1",

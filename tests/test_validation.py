@@ -1,0 +1,235 @@
+"""Bad input gets a named error before any long work: API (ValueError/...) and CLI (exit 2, one line, no traceback)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gradmap.api
+import gradmap.models
+from conftest import SAMPLE_TEXT, random_calibration, tiny_model
+from gradmap import prune
+from gradmap.checkpoint import MARKER, save_checkpoint
+from gradmap.cli import main
+from gradmap.compensation import compensate, conditioned_ridge
+from gradmap.removal import remove_layers
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("validation")
+    model = tiny_model("llama")
+    model.save_pretrained(root / "tiny")
+    tiny_tokenizer.save_pretrained(root / "tiny")
+    (root / "calib.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    (root / "config_only").mkdir()
+    model.config.save_pretrained(root / "config_only")
+    (root / "no_tokenizer").mkdir()
+    model.save_pretrained(root / "no_tokenizer")
+    (root / "gguf").mkdir()
+    model.config.save_pretrained(root / "gguf")
+    (root / "gguf" / "model.Q4_1.gguf").write_bytes(b"GGUF")
+    (root / "quantized").mkdir()
+    model.save_pretrained(root / "quantized")
+    tiny_tokenizer.save_pretrained(root / "quantized")
+    cfg = json.loads((root / "quantized" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (root / "quantized" / "config.json").write_text(json.dumps(cfg))
+    (root / "bert").mkdir()
+    from transformers import BertConfig, BertModel
+    BertModel(BertConfig(vocab_size=96, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(root / "bert")
+    tiny_tokenizer.save_pretrained(root / "bert")
+    (root / "existing").mkdir()
+    return root
+
+
+def _unwritable(root) -> str:
+    if os.geteuid() == 0:  # root writes anywhere mode bits forbid; /proc/1 refuses even root
+        return "/proc/1/gradmap-out"
+    locked = root / "locked"
+    locked.mkdir(exist_ok=True)
+    locked.chmod(0o500)
+    return str(locked / "out")
+
+
+PRUNE_CASES = [  # (flag overrides, message); every one must fail before the model is loaded
+    ({"--model": "/nonexistent/model"}, "model: path '/nonexistent/model' does not exist"),
+    ({"--model": "{root}/config_only"}, "holds a config.json but no weights"),
+    ({"--model": "{root}/no_tokenizer"}, "holds no tokenizer"),
+    ({"--model": "{root}/gguf"}, "holds a GGUF file (model.Q4_1.gguf)"),
+    ({"--model": "{root}/quantized"}, "is quantized (quant_method 'bitsandbytes')"),
+    ({"--model": "{root}/bert"}, "unsupported architecture model_type='bert'"),
+    ({"--num-layers": "6"}, "--num-layers: must be between 1 and 5 for a model with 6 decoder layers, got 6"),
+    ({"--num-layers": "0"}, "--num-layers: must be between 1 and 5"),
+    ({"--num-layers": None, "--ratio": "1.5"}, "--ratio: must be in (0, 1), got 1.5"),
+    ({"--num-layers": None, "--ratio": "0"}, "--ratio: must be in (0, 1), got 0.0"),
+    ({"--num-layers": "2", "--protected": "0,1,2,3,4"}, "--protected: 5 protected layers leave 1 removable"),
+    ({"--protected": "7"}, "--protected: indices [7] out of range [0, 5]"),
+    ({"--seqlen": "4096"}, "--seqlen: 4096 exceeds the model's maximum sequence length 128"),
+    ({"--seqlen": "1"}, "--seqlen: must be >= 2"),
+    ({"--nsamples": "1"}, "--nsamples: stage 2 (compensate='every-gap') needs at least 2 calibration windows"),
+    ({"--nsamples": "0"}, "--nsamples: must be >= 1"),
+    ({"--ridge": "-1"}, "--ridge: must be a finite number >= 0"),
+    ({"--ridge": "nan"}, "--ridge: must be a finite number >= 0"),
+    ({"--ridge": "inf"}, "--ridge: must be a finite number >= 0"),
+    ({"--micro-batch": "0"}, "--micro-batch: must be >= 1, got 0"),
+    ({"--threads": "-1"}, "--threads: must be >= 1"),
+    ({"--device": "foo"}, "--device: 'foo' is not a torch device"),
+    ({"--device": "cuda"}, "--device: 'cuda' requested but CUDA is not available"),
+    ({"--dtype": "int8"}, "dtype: 'int8' is not supported"),
+    ({"--text": "/nonexistent.txt"}, "--text: file '/nonexistent.txt' does not exist"),
+    ({"--eval-text": "/nonexistent.txt", "--no-eval": None}, "--eval-text: file '/nonexistent.txt' does not exist"),
+    ({"--eval-seqlen": "4096", "--no-eval": None}, "--eval-seqlen: 4096 exceeds the model's maximum sequence length"),
+    ({"--eval-tokens": "1", "--no-eval": None}, "--eval-tokens: must be 0 (all tokens) or >= 2"),
+    ({"--output": "{root}/existing"}, "already exists; pass overwrite=True (--overwrite)"),
+    ({"--output": "{unwritable}"}, "is not writable"),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the --device cuda case needs a machine without CUDA")
+@pytest.mark.parametrize("overrides,message", PRUNE_CASES)
+def test_cli_prune_bad_input_before_load(dirs, capsys, monkeypatch, overrides, message):
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was found")
+
+    monkeypatch.setattr(gradmap.models, "load_model", no_load)
+    flags = {"--model": "{root}/tiny", "--text": "{root}/calib.txt", "--eval-text": "{root}/calib.txt",
+             "--num-layers": "1", "--nsamples": "4", "--seqlen": "16", "--eval-seqlen": "32",
+             "--output": "{root}/out", "--no-eval": True}
+    flags.update(overrides)
+    args = ["prune", "-q"]
+    for flag, value in flags.items():
+        if value is None:
+            continue
+        if value is True:
+            args.append(flag)
+        else:
+            args += [flag, value.format(root=dirs, unwritable=_unwritable(dirs))]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradmap: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not (dirs / "out").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "--stride", "0"], "--stride: must be in [1, --seqlen=32]"),
+    (["eval", "--stride", "33"], "--stride: must be in [1, --seqlen=32]"),
+    (["eval", "--seqlen", "4096"], "--seqlen: must be in [2, 128]"),
+    (["eval", "--tokens", "1"], "--tokens: must be 0 (all tokens) or >= 2"),
+    (["score", "--seqlen", "4096"], "--seqlen: 4096 exceeds the model's maximum sequence length 128"),
+    (["score", "--nsamples", "0"], "--nsamples: must be >= 1"),
+    (["score", "--threads", "0"], "--threads: must be >= 1"),
+])
+def test_cli_eval_score_bad_input(dirs, capsys, args, message):
+    base = ["--model", str(dirs / "tiny"), "--text", str(dirs / "calib.txt"), "-q"]
+    if args[0] == "eval" and "--seqlen" not in args:
+        base += ["--seqlen", "32"]
+    assert main(args + base) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradmap: error: ") and err.count("\n") == 1 and message in err, err
+
+
+def test_cli_ctrl_c_exits_130(dirs, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gradmap.models, "load_model", interrupted)
+    assert main(["eval", "--model", str(dirs / "tiny"), "--text", str(dirs / "calib.txt"), "--seqlen", "32",
+                 "-q"]) == 130
+    assert capsys.readouterr().err == "gradmap: interrupted\n"
+
+
+def test_cli_bad_input_in_subprocess_has_no_traceback(dirs):
+    """The real entry point: one line on stderr, exit 2 (the in-process tests above cannot see a traceback)."""
+    run = subprocess.run([sys.executable, "-m", "gradmap", "prune", "--model", str(dirs / "tiny"), "--num-layers",
+                          "1", "--device", "foo", "--output", str(dirs / "o2"), "-q"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == ["gradmap: error: --device: 'foo' is not a torch device; accepted: "
+                                               "cpu, cuda, cuda:N, mps"]
+
+
+def test_api_stage2_and_ridge_checked_before_scoring(monkeypatch):
+    def no_scoring(*a, **k):
+        raise AssertionError("scoring ran before the bad argument was found")
+
+    monkeypatch.setattr(gradmap.api, "select_iterative", no_scoring)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="nsamples: stage 2 .* needs at least 2 calibration windows"):
+        prune(model, random_calibration(nsamples=1), num_layers=1)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="ridge: must be a finite number >= 0"):
+            prune(model, random_calibration(), num_layers=1, ridge=bad)
+    with pytest.raises(ValueError, match="micro_batch: must be >= 1"):
+        prune(model, random_calibration(), num_layers=1, micro_batch=0)
+    with pytest.raises(ValueError, match="eval_seqlen: 4096 exceeds"):
+        prune(model, random_calibration(), num_layers=1, eval_tokens=torch.arange(10), eval_seqlen=4096)
+
+
+def test_conditioned_ridge_hand_case():
+    G = torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64))  # singular; mean diagonal 5/3
+    assert conditioned_ridge(G, 0.1) == (0.1, pytest.approx((4 + 1 / 6) / (1 / 6)))  # cond 25 already fine
+    lam, cond = conditioned_ridge(G, 0.0, max_condition=1e4)
+    # from 1e-8 up by 10x: cond(λ) = (4 + 5λ/3) / (5λ/3) <= 1e4 first at λ = 1e-3 (cond 2401)
+    assert lam == pytest.approx(1e-3) and cond == pytest.approx((4 + 5e-3 / 3) / (5e-3 / 3))
+    assert conditioned_ridge(torch.zeros(3, 3), 0.1) == (None, float("inf"))
+
+
+def test_ill_conditioned_gram_raises_ridge_and_reports():
+    """16 fit tokens for a 32-wide Gram matrix: singular at ridge 0, so the ridge is raised and the note says so."""
+    dense = tiny_model("llama")
+    pruned = tiny_model("llama")
+    remove_layers(pruned, [2, 3])
+    cal = random_calibration(nsamples=2, seqlen=16)
+    result = compensate(dense, pruned, [0, 1, 4, 5], cal, mode="every-gap", ridge=0.0, holdout=1)
+    assert any("ill-conditioned Gram matrix: ridge 0 raised to" in n for n in result.notes), result.notes
+    fit = result.fits[0]
+    assert fit.heldout_loss_after <= fit.heldout_loss_before  # never a fold that raises the held-out loss
+
+
+def test_fp16_overflow_in_gram_detected():
+    dense = tiny_model("llama")
+    pruned = tiny_model("llama")
+    remove_layers(pruned, [2, 3])
+    with torch.no_grad():  # down_proj outputs that overflow to inf, as fp16 activations do
+        pruned.model.layers[1].mlp.down_proj.weight.fill_(3e38)
+    with pytest.raises(ValueError, match="Gram matrix of layer 1 holds NaN/inf.*bfloat16 or float32"):
+        compensate(dense, pruned, [0, 1, 4, 5], random_calibration(nsamples=4), mode="every-gap")
+
+
+def test_user_text_split_for_calibration_and_test(tmp_path):
+    from gradmap.data import load_text, split_point
+    text = "".join(f"line {i}\n" for i in range(100))
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    cut = split_point(text)
+    assert text[cut - 1] == "\n" and int(0.8 * len(text)) <= cut
+    calib, test = load_text(path, "calibration"), load_text(path, "test")
+    # 790 characters (10 lines of 7, 90 of 8); 80 % = character 632, inside "line 80" (characters 630..637)
+    assert cut == 638
+    assert calib + test == text and calib.endswith("line 80\n") and test.startswith("line 81\n")
+    assert load_text(path, "all") == text
+
+
+def test_stale_partial_dirs_cleaned_only_if_ours(tmp_path):
+    model = tiny_model("llama")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / ".out.tmp-abc"
+    stale.mkdir()
+    (stale / MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    live = tmp_path / ".out.tmp-live"
+    live.mkdir()
+    (live / MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    foreign = tmp_path / ".out.tmp-user"
+    foreign.mkdir()  # no marker: not ours
+    out = save_checkpoint(model, None, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.tmp-live", ".out.tmp-user", "out"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask and not (out / MARKER).exists()
