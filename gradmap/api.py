@@ -18,7 +18,9 @@ from .data import Calibration
 from .evaluation import perplexity
 from .models import validate_model
 from .pruning import Selection, select_iterative
+from .removal import remove_layers
 from .report import environment, plot_scores
+from .resume import fingerprint, load_state, write_state
 from .scoring import BACKENDS, check_metric
 from .validation import ModelLimits, check_prune_plan
 
@@ -110,7 +112,7 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
           metric: str = DEFAULT_METRIC, compensate_mode: str = DEFAULT_COMPENSATION, ridge: float | None = None,
           protected: list[int] | tuple[int, ...] = (), micro_batch: int = 8, eval_tokens: torch.Tensor | None = None,
           eval_seqlen: int = 1024, eval_max_tokens: int | None = None, seed: int = 0, inplace: bool = False,
-          backend: str = "hooks", progress: bool = False) -> PruneResult:
+          backend: str = "hooks", progress: bool = False, resume: str | Path | None = None) -> PruneResult:
     """Remove ``num_layers`` (or ``ratio`` of the) decoder layers with GradMAP and repair the model.
 
     Stage 1 (arXiv 2602.14649 Sec. 3): iteratively score all remaining layers with one forward + backward and drop the
@@ -132,6 +134,8 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
         inplace: prune ``model`` itself; by default ``model`` is left bit-identical and a copy is pruned.
         backend: ``"hooks"`` or ``"fused"`` weight-gradient reduction for the weight metrics
             (:func:`gradmap.scoring.layer_scores`).
+        resume: path of a stage-1 state file (:mod:`gradmap.resume`): written after every decision; if it already
+            holds decisions of the same model, calibration and settings, they are replayed and scoring continues.
 
     Returns:
         :class:`PruneResult`.
@@ -139,7 +143,8 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
     Raises:
         ValueError: unknown metric or compensation mode, a bad target (see
             :func:`gradmap.pruning.resolve_target`), calibration windows longer than the model's maximum, a model
-            on the meta device or quantized, or non-finite scores / Gram matrices.
+            on the meta device or quantized, non-finite scores / Gram matrices, or a ``resume`` file recorded for a
+            different model, calibration or settings.
     """
     check_metric(metric)
     if backend not in BACKENDS:
@@ -163,6 +168,13 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
     timings: dict[str, float] = {}
     ppl: dict[str, dict] = {}
     start = time.perf_counter()
+    recorded = []
+    if resume is not None:
+        decisions = {k: settings[k] for k in ("num_layers", "metric", "protected", "micro_batch", "backend", "seed")}
+        run_id = fingerprint(model, calibration, decisions)
+        recorded = load_state(resume, run_id)
+        if recorded:
+            logger.info("resuming from %s: %d of %d decisions recorded", resume, len(recorded), target)
 
     def evaluate(name: str, m: nn.Module) -> None:
         if eval_tokens is None:
@@ -186,8 +198,18 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
 
     # Stage 1: iterative scoring and removal.
     kept = list(range(n_dense))
-    selection = select_iterative(work, calibration, target, metric=metric, protected=protected,
-                                 micro_batch=micro_batch, progress=progress, kept=kept, backend=backend)
+    selection = Selection()
+    for step in recorded:  # resumed: replay the recorded decisions without scoring
+        remove_layers(work, [kept.index(step.removed)], adapter)
+        kept.remove(step.removed)
+        selection.removed.append(step.removed)
+        selection.steps.append(step)
+    while len(selection.removed) < target:
+        select_iterative(work, calibration, len(selection.removed) + 1, metric=metric, protected=protected,
+                         micro_batch=micro_batch, progress=progress, kept=kept, selection=selection, backend=backend)
+        kept = [i for i in range(n_dense) if i not in set(selection.removed)]
+        if resume is not None:
+            write_state(resume, run_id, selection.steps)
     kept = [i for i in range(n_dense) if i not in set(selection.removed)]
     timings["scoring"] = selection.seconds
     evaluate("pruned", work)

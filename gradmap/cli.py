@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--output", required=True, help="output directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its stage-1 state file (.OUTPUT.gradmap-state.json beside "
+                        "--output, written after every decision); refused if model, calibration or settings differ")
 
     s = sub.add_parser("score", help="one scoring pass: every decoder layer's score")
     _common(s)
@@ -162,6 +165,14 @@ def _text_split(source: str, role: str, other: str | None) -> str:
     return "all"
 
 
+def _state_path(output: str):
+    """Stage-1 state file of a ``prune --output OUTPUT`` run: hidden, beside the output directory."""
+    from pathlib import Path
+
+    out = Path(output).expanduser().absolute()
+    return out.parent / f".{out.name}.gradmap-state.json"
+
+
 def _load(args):
     from .models import load_model
 
@@ -207,6 +218,10 @@ def cmd_prune(args) -> int:
                          names=CLI_NAMES)
     except ValueError as exc:
         raise _cli_names(exc) from None
+    state = _state_path(args.output)
+    if state.exists() and not args.resume:
+        log.info("ignoring the state file %s of an earlier run (pass --resume to continue it)", state)
+        state.unlink()
     model, tokenizer = _load(args)
     calibration = _calibration(args, model, tokenizer, calib_split)
     eval_ids = None
@@ -216,10 +231,11 @@ def cmd_prune(args) -> int:
                    compensate_mode=args.compensate, ridge=args.ridge, protected=args.protected,
                    micro_batch=args.micro_batch, eval_tokens=eval_ids, eval_seqlen=args.eval_seqlen,
                    eval_max_tokens=args.eval_tokens or None, seed=args.seed, inplace=True, backend=args.backend,
-                   progress=not args.quiet)
+                   progress=not args.quiet, resume=state)
     result.settings.update(model=str(args.model), dtype=args.dtype, text=args.text, eval_text=args.eval_text,
                            text_split=calib_split)
     path = result.save(args.output, tokenizer, overwrite=args.overwrite)
+    state.unlink(missing_ok=True)  # the checkpoint is complete: nothing left to resume
     print()
     print(f"removed layers (original indices): {sorted(result.removed)}  (removal order {result.removed})")
     if result.perplexity:

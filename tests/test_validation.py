@@ -233,3 +233,103 @@ def test_stale_partial_dirs_cleaned_only_if_ours(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o777 & ~mask and not (out / MARKER).exists()
+
+
+def test_resume_after_interruption_removes_same_layers(tmp_path, monkeypatch):
+    import gradmap.pruning
+    cal = random_calibration(nsamples=4)
+    full = prune(tiny_model("llama"), cal, num_layers=3, compensate_mode="none", metric="taylor")
+    state = tmp_path / "state.json"
+    real = gradmap.pruning.layer_scores
+    calls = []
+
+    def interrupt_third(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gradmap.pruning, "layer_scores", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        prune(tiny_model("llama"), cal, num_layers=3, compensate_mode="none", metric="taylor", resume=state)
+    assert [s["removed"] for s in json.loads(state.read_text())["steps"]] == full.removed[:2]
+    calls.clear()
+    monkeypatch.setattr(gradmap.pruning, "layer_scores", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = prune(tiny_model("llama"), cal, num_layers=3, compensate_mode="none", metric="taylor", resume=state)
+    assert len(calls) == 1  # only the third decision was scored
+    assert resumed.removed == full.removed
+    for (k, v), w in zip(resumed.model.state_dict().items(), full.model.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert [s.scores for s in resumed.selection.steps] == [s.scores for s in full.selection.steps]
+
+    with pytest.raises(ValueError, match="differs in: calibration"):
+        prune(tiny_model("llama"), random_calibration(nsamples=4, seed=9), num_layers=3, compensate_mode="none",
+              metric="taylor", resume=state)
+    with pytest.raises(ValueError, match="differs in: model"):
+        prune(tiny_model("llama", seed=3), cal, num_layers=3, compensate_mode="none", metric="taylor", resume=state)
+    with pytest.raises(ValueError, match=r"differs in: setting metric \('taylor' recorded, 'grad_l1' now\)"):
+        prune(tiny_model("llama"), cal, num_layers=3, compensate_mode="none", metric="grad_l1", resume=state)
+
+
+KILLED_SAVE = """
+import sys, time
+sys.path.insert(0, "tests")
+from conftest import tiny_model
+from gradmap.checkpoint import save_checkpoint
+out, flag = sys.argv[1], sys.argv[2]
+def hang(path):
+    open(flag, "w").write("weights written")
+    time.sleep(120)
+save_checkpoint(tiny_model("llama"), None, out, extra={"gradmap_report.json": hang})
+"""
+
+
+def test_sigkill_mid_save_leaves_no_output_and_next_save_cleans(tmp_path):
+    import signal
+    import time
+    flag = tmp_path / "flag"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_SAVE, str(tmp_path / "out"), str(flag)],
+                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        for _ in range(1200):
+            if flag.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert flag.exists(), "the save never reached the report writer"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (tmp_path / "out").exists()
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(leftovers) == 1 and (leftovers[0] / MARKER).is_file()  # hidden, marked, never read as a checkpoint
+    save_checkpoint(tiny_model("llama"), None, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["flag", "out"]
+
+
+def test_exception_inside_save_pretrained_leaves_nothing(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    original = type(model).save_pretrained
+
+    def half_then_fail(self, path, *a, **k):
+        original(self, path, *a, **k)  # the weights are on disk ...
+        raise OSError("No space left on device")  # ... then the disk fills up
+
+    monkeypatch.setattr(type(model), "save_pretrained", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(model, None, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_same_seed_bit_identical_saved_weights(tmp_path):
+    from safetensors.torch import load_file
+    paths = []
+    for run in ("a", "b"):
+        r = prune(tiny_model("qwen2"), random_calibration(nsamples=8, seed=3), num_layers=2, seed=7)
+        paths.append(r.save(tmp_path / run))
+        removed = r.removed
+    a, b = (load_file(str(p / "model.safetensors")) for p in paths)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((p / "gradmap_report.json").read_text()) for p in paths)
+    assert ra["removed_layers"] == rb["removed_layers"] == sorted(removed)
