@@ -333,3 +333,30 @@ def test_same_seed_bit_identical_saved_weights(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = (json.loads((p / "gradmap_report.json").read_text()) for p in paths)
     assert ra["removed_layers"] == rb["removed_layers"] == sorted(removed)
+
+
+def test_cli_resume_after_ctrl_c(dirs, tmp_path, capsys, monkeypatch):
+    import gradmap.pruning
+    base = ["prune", "--model", str(dirs / "tiny"), "--text", str(dirs / "calib.txt"), "--num-layers", "2",
+            "--nsamples", "4", "--seqlen", "16", "--compensate", "none", "--no-eval", "-q"]
+    assert main(base + ["--output", str(tmp_path / "full")]) == 0
+    full = json.loads((tmp_path / "full" / "gradmap_report.json").read_text())
+    real = gradmap.pruning.layer_scores
+    calls = []
+
+    def ctrl_c_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gradmap.pruning, "layer_scores", ctrl_c_second)
+    out = tmp_path / "out"
+    assert main(base + ["--output", str(out)]) == 130
+    state = tmp_path / ".out.gradmap-state.json"
+    assert state.is_file() and not out.exists()
+    monkeypatch.setattr(gradmap.pruning, "layer_scores", real)
+    assert main(base + ["--output", str(out), "--resume"]) == 0
+    assert json.loads((out / "gradmap_report.json").read_text())["removal_order"] == full["removal_order"]
+    assert not state.exists()
+    capsys.readouterr()
