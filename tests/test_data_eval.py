@@ -43,7 +43,9 @@ def test_calibration_from_texts_masks_padding(tiny_tokenizer):
 def test_user_text_file(tmp_path):
     f = tmp_path / "wiki.test.raw"
     f.write_text("hello world", encoding="utf-8")
-    assert load_text(f, "test") == "hello world"
+    assert load_text(f, "all") == "hello world"
+    # no line break: split at exactly int(0.8 * 11) = 8 characters
+    assert load_text(f, "calibration") == "hello wo" and load_text(f, "test") == "rld"
     with pytest.raises(FileNotFoundError, match="text: file .* does not exist"):
         load_text(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="split"):
