@@ -17,49 +17,63 @@ from gradmap.checkpoint import check_output_dir, save_checkpoint
 RELOAD = textwrap.dedent("""
     import json, sys, torch
     from transformers import AutoModelForCausalLM
-    path, ids, layers_path = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3]
-    m = AutoModelForCausalLM.from_pretrained(path).eval()
-    layers = m
-    for name in layers_path.split("."):
-        layers = getattr(layers, name)
-    assert not any(k.startswith("gradmap") for k in sys.modules), "gradmap was imported"
-    with torch.no_grad():
-        logits = m(ids).logits
-    cached = m.generate(ids[:1, :4], max_new_tokens=20, do_sample=False, use_cache=True, pad_token_id=0)
-    plain = m.generate(ids[:1, :4], max_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0)
-    torch.save({"logits": logits, "cached": cached, "plain": plain,
-                "tied": m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr(),
-                "layer_idx": [sorted({x.layer_idx for x in l.modules() if isinstance(getattr(x, "layer_idx", None), int)})
-                              for l in layers],
-                "num_layers": len(layers), "layer_types": getattr(m.config, "layer_types", None),
-                "num_hidden_layers": m.config.num_hidden_layers}, path + "/reloaded.pt")
+    jobs, ids = json.loads(sys.argv[1]), torch.tensor(json.loads(sys.argv[2]))
+    for path, layers_path in jobs:
+        m = AutoModelForCausalLM.from_pretrained(path).eval()
+        layers = m
+        for name in layers_path.split("."):
+            layers = getattr(layers, name)
+        assert not any(k.startswith("gradmap") for k in sys.modules), "gradmap was imported"
+        with torch.no_grad():
+            logits = m(ids).logits
+        cached = m.generate(ids[:1, :4], max_new_tokens=20, do_sample=False, use_cache=True, pad_token_id=0)
+        plain = m.generate(ids[:1, :4], max_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0)
+        torch.save({"logits": logits, "cached": cached, "plain": plain,
+                    "tied": m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr(),
+                    "layer_idx": [sorted({x.layer_idx for x in l.modules()
+                                          if isinstance(getattr(x, "layer_idx", None), int)}) for l in layers],
+                    "num_layers": len(layers), "layer_types": getattr(m.config, "layer_types", None),
+                    "num_hidden_layers": m.config.num_hidden_layers}, path + "/reloaded.pt")
 """)
+RELOAD_IDS = random_calibration(nsamples=2, seqlen=10, seed=5).input_ids
+
+
+@pytest.fixture(scope="module")
+def saved_families(tmp_path_factory):
+    """Prune + save a tiny tied model of every family, then reload all of them in ONE plain-transformers subprocess
+    (a subprocess per family spent ~20 s each importing transformers)."""
+    runs = {}
+    for family in FAMILIES:
+        model = tiny_model(family, tied=True)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        result = prune(model, random_calibration(nsamples=8, seqlen=16), num_layers=2, metric="taylor",
+                       compensate_mode="every-gap")
+        root = tmp_path_factory.mktemp(family)
+        out = result.save(root / "out")
+        runs[family] = dict(model=model, before=before, result=result, root=root, out=out)
+    jobs = [[str(r["out"]), get_adapter(r["model"]).layers_path] for r in runs.values()]
+    subprocess.run([sys.executable, "-c", RELOAD, json.dumps(jobs), json.dumps(RELOAD_IDS.tolist())], check=True)
+    return runs
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_prune_save_reload_plain_transformers(family, tmp_path):
-    model = tiny_model(family, tied=True)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    cal = random_calibration(nsamples=8, seqlen=16)
-    result = prune(model, cal, num_layers=2, metric="taylor", compensate_mode="every-gap")
+def test_prune_save_reload_plain_transformers(family, saved_families):
+    run = saved_families[family]
+    model, result, out = run["model"], run["result"], run["out"]
     # the caller's model is bit-identical
     assert get_adapter(model).layers(model).__len__() == 6
     for k, v in model.state_dict().items():
-        assert torch.equal(v, before[k]), k
+        assert torch.equal(v, run["before"][k]), k
     assert len(result.removed) == 2 and sorted(result.removed + result.kept) == list(range(6))
     assert result.model.config.num_hidden_layers == 4
-    out = result.save(tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
+    assert sorted(p.name for p in run["root"].iterdir()) == ["out"]  # no temporary directory left
     with safe_open(str(out / "model.safetensors"), "pt") as fh:
         keys = list(fh.keys())
     embed_key = next(n for n, p in result.model.named_parameters() if p is result.model.get_input_embeddings().weight)
     assert embed_key in keys and not any(k.startswith("lm_head") for k in keys)  # tied: saved once
-    ids = random_calibration(nsamples=2, seqlen=10, seed=5).input_ids
-    layers_path = get_adapter(model).layers_path
-    subprocess.run([sys.executable, "-c", RELOAD, str(out), json.dumps(ids.tolist()), layers_path], check=True)
     got = torch.load(out / "reloaded.pt")
     with torch.no_grad():
-        want = result.model(ids).logits
+        want = result.model(RELOAD_IDS).logits
     torch.testing.assert_close(got["logits"], want, rtol=0, atol=0)
     assert torch.equal(got["cached"], got["plain"]) and got["cached"].shape[1] == 24
     assert got["tied"] and got["layer_idx"] == [[0], [1], [2], [3]]
