@@ -248,9 +248,8 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: str | Iterable[str] =
         raise ValueError(f"limit: must be a positive integer or None (all items), got {limit!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
-    configs = {t: task_config(t, data_dir) for t in names}  # validates data before any model work
-
     start = time.perf_counter()
+    configs = {t: task_config(t, data_dir) for t in names}  # validates lm_eval and the data before any model work
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
