@@ -46,9 +46,9 @@ log = logging.getLogger(__name__)
 TASKS: tuple[str, ...] = ("piqa", "hellaswag", "boolq", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 
 # The metric averaged into ZeroShotResult.average. Length-normalised accuracy where the answer choices are phrases of
-# very different lengths and lm-eval defines it (HellaSwag, ARC-Easy, ARC-Challenge, OpenBookQA: the Open LLM
-# Leaderboard / SliceGPT-style convention); plain accuracy for PIQA (two solutions of similar length), and for BoolQ and
-# WinoGrande, where lm-eval defines no acc_norm. Both metrics are always reported per task.
+# very different lengths and lm-eval defines it: HellaSwag, ARC-Easy, ARC-Challenge, OpenBookQA (acc_norm is what the
+# Open LLM Leaderboard reported for HellaSwag and ARC-Challenge). Plain accuracy for PIQA (two solutions of similar
+# length), BoolQ and WinoGrande (lm-eval defines no acc_norm there). Both metrics are always reported per task.
 HEADLINE: dict[str, str] = {"piqa": "acc", "hellaswag": "acc_norm", "boolq": "acc", "winogrande": "acc",
                             "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "openbookqa": "acc_norm"}
 
