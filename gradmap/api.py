@@ -13,16 +13,18 @@ from torch import nn
 
 from .adapters import get_adapter
 from .checkpoint import json_writer, save_checkpoint
-from .compensation import CompensationResult, check_mode, compensate
+from .compensation import CompensationResult
 from .data import Calibration
 from .evaluation import perplexity
+from .methods import check_compensation, check_method, run_compensation, select_layers
 from .models import validate_model
-from .pruning import Selection, resolve_target, select_iterative
+from .pruning import Selection, resolve_target
 from .report import environment, plot_scores
 from .scoring import BACKENDS, check_metric
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_METHOD = "gradmap"
 DEFAULT_METRIC = "grad_update_norm"
 DEFAULT_COMPENSATION = "every-gap"
 REPORT_FILE = "gradmap_report.json"
@@ -59,7 +61,7 @@ class PruneResult:
         calibration spec and package versions."""
         comp = self.compensation
         return {
-            "method": "gradmap",
+            "method": self.settings.get("method", self.selection.method),
             "settings": self.settings,
             "calibration": self.calibration,
             "num_layers_dense": len(self.kept) + len(self.removed),
@@ -68,6 +70,10 @@ class PruneResult:
             "kept_layers": list(self.kept),
             "steps": [{"step": s.step, "removed": s.removed, "seconds": s.seconds,
                        "scores": {str(k): v for k, v in s.scores.items()}} for s in self.selection.steps],
+            "selection": {"seconds": self.selection.seconds, "forward_equivalent_passes": self.selection.passes,
+                          "first_step_layer_scores": {str(k): v for k, v in
+                                                      self.selection.first_layer_scores().items()},
+                          **self.selection.extra},
             "compensation": {"mode": comp.mode, "seconds": comp.seconds, "notes": comp.notes,
                              "mean_shift": {str(k): v for k, v in comp.shifts.items()},
                              "relative_mean_shift": {str(k): v for k, v in comp.relative_shifts.items()},
@@ -87,8 +93,9 @@ class PruneResult:
         """
         report = self.report()
         extra = {REPORT_FILE: json_writer(report)}
-        if report["steps"]:
-            extra[PLOT_FILE] = lambda p: plot_scores(report["steps"], p, f"{self.settings.get('metric')} scores")
+        if report["steps"] and all(isinstance(s.removed, int) for s in self.selection.steps):
+            name = self.settings.get("metric") if report["method"] == "gradmap" else report["method"]
+            extra[PLOT_FILE] = lambda p: plot_scores(report["steps"], p, f"{name} scores")
         return save_checkpoint(self.model, tokenizer, output_dir, overwrite=overwrite, extra=extra)
 
 
@@ -106,11 +113,11 @@ class _EvalMode:
 
 
 def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None = None, ratio: float | None = None,
-          metric: str = DEFAULT_METRIC, compensate_mode: str = DEFAULT_COMPENSATION, ridge: float | None = None,
+          method: str = DEFAULT_METHOD, metric: str = DEFAULT_METRIC, compensate_mode: str = DEFAULT_COMPENSATION, ridge: float | None = None,
           protected: list[int] | tuple[int, ...] = (), micro_batch: int = 8, eval_tokens: torch.Tensor | None = None,
           eval_seqlen: int = 1024, eval_max_tokens: int | None = None, seed: int = 0, inplace: bool = False,
           backend: str = "hooks", progress: bool = False) -> PruneResult:
-    """Remove ``num_layers`` (or ``ratio`` of the) decoder layers with GradMAP and repair the model.
+    """Remove ``num_layers`` (or ``ratio`` of the) decoder layers with GradMAP (or a baseline) and repair the model.
 
     Stage 1 (arXiv 2602.14649 Sec. 3): iteratively score all remaining layers with one forward + backward and drop the
     lowest (:mod:`gradmap.scoring`). Stage 2: measure the hidden-state mean shift of every kept layer against the dense
@@ -120,8 +127,11 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
         model: a ``transformers`` causal LM of a supported family (:mod:`gradmap.adapters`).
         calibration: calibration windows (:func:`gradmap.data.build_calibration`).
         num_layers / ratio: how many layers to remove (exactly one; ratio rounds half up).
-        metric: stage-1 metric, one of :data:`gradmap.scoring.METRICS`.
-        compensate_mode: ``"none"``, ``"max-shift"`` or ``"every-gap"``.
+        method: layer selection, one of :data:`gradmap.methods.METHODS` (``"gradmap"``: stage 1 below; the others
+            are the baselines of :mod:`gradmap.methods`, sharing everything else in this pipeline).
+        metric: stage-1 metric, one of :data:`gradmap.scoring.METRICS` (``method="gradmap"`` only).
+        compensate_mode: ``"none"``, ``"max-shift"``, ``"every-gap"`` (GradMAP stage 2) or ``"replaceme"``
+            (ReplaceMe's closed-form T, :mod:`gradmap.methods.replaceme`).
         ridge: relative ridge for stage 2 (``None``: chosen on held-out calibration windows).
         protected: original layer indices never removed.
         micro_batch: calibration windows per forward/backward.
@@ -136,12 +146,13 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
         :class:`PruneResult`.
 
     Raises:
-        ValueError: unknown metric or compensation mode, a bad target (see
+        ValueError: unknown method, metric or compensation mode, a bad target (see
             :func:`gradmap.pruning.resolve_target`), calibration windows longer than the model's maximum, a model
             on the meta device or quantized, or non-finite scores / Gram matrices.
     """
+    check_method(method)
     check_metric(metric)
-    check_mode(compensate_mode)
+    check_compensation(compensate_mode)
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     validate_model(model)
@@ -154,7 +165,7 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
     if micro_batch < 1:
         raise ValueError(f"micro_batch: must be >= 1, got {micro_batch}")
     torch.manual_seed(seed)
-    settings = {"num_layers": target, "ratio": ratio, "metric": metric, "compensate": compensate_mode,
+    settings = {"method": method, "num_layers": target, "ratio": ratio, "metric": metric, "compensate": compensate_mode,
                 "ridge": ridge, "protected": sorted(int(p) for p in protected), "micro_batch": micro_batch,
                 "seed": seed, "eval_seqlen": eval_seqlen, "eval_max_tokens": eval_max_tokens, "backend": backend}
     timings: dict[str, float] = {}
@@ -181,20 +192,19 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
         work = copy.deepcopy(model)
     work.eval()
 
-    # Stage 1: iterative scoring and removal.
-    kept = list(range(n_dense))
-    selection = select_iterative(work, calibration, target, metric=metric, protected=protected,
-                                 micro_batch=micro_batch, progress=progress, kept=kept, backend=backend)
+    # Stage 1: layer selection and removal (GradMAP's iterative gradient metric, or a baseline).
+    selection = select_layers(work, calibration, target, method=method, metric=metric, protected=protected,
+                              micro_batch=micro_batch, backend=backend, progress=progress)
     kept = [i for i in range(n_dense) if i not in set(selection.removed)]
     timings["scoring"] = selection.seconds
     evaluate("pruned", work)
 
-    # Stage 2: projection compensation.
+    # Stage 2: projection compensation (GradMAP's, or ReplaceMe's).
     comp = CompensationResult(mode=compensate_mode)
     if needs_dense:
         with _EvalMode(dense):
-            comp = compensate(dense, work, kept, calibration, mode=compensate_mode, ridge=ridge,
-                              micro_batch=micro_batch, progress=progress)
+            comp = run_compensation(dense, work, kept, calibration, mode=compensate_mode, ridge=ridge,
+                                    micro_batch=micro_batch, progress=progress)
         timings["compensation"] = comp.seconds
         evaluate("compensated", work)
     timings["total"] = time.perf_counter() - start
