@@ -4,6 +4,7 @@
     gradmap prune --ratio 0.25 --method sleb --compensate none --output sleb-smollm2   # a baseline
     gradmap score --model ./my-llama --metric taylor               # one scoring pass, every layer's score
     gradmap eval --model pruned-smollm2 --text wiki.test.raw       # perplexity of any model directory
+    gradmap eval --model pruned-smollm2 --tasks all --limit 100    # plus zero-shot accuracy (lm-eval, local data)
 """
 
 from __future__ import annotations
@@ -51,6 +52,15 @@ def _eval_args(p: argparse.ArgumentParser, prefix: str = "eval-") -> None:
                    help="evaluate the first N tokens (default 16384; 0 = all)")
 
 
+def _zeroshot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default=None,
+                   help="zero-shot tasks, comma-separated, or 'all' (piqa, hellaswag, boolq, winogrande, arc_easy, "
+                        "arc_challenge, openbookqa); default: none")
+    p.add_argument("--limit", type=int, default=None, help="zero-shot: first N items per task (default all)")
+    p.add_argument("--batch-size", type=int, default=8, help="zero-shot: requests per forward (default 8)")
+    p.add_argument("--no-ppl", action="store_true", help="skip the perplexity evaluation (zero-shot only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``gradmap`` argument parser (subcommands prune, score, eval)."""
     from .methods import COMPENSATIONS, METHODS
@@ -91,10 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS)
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    e = sub.add_parser("eval", help="perplexity of a model on a text")
+    e = sub.add_parser("eval", help="perplexity of a model on a text, and zero-shot accuracy")
     _common(e)
     _eval_args(e, prefix="")
     e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default seqlen)")
+    _zeroshot_args(e)
     e.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -195,19 +206,47 @@ def cmd_score(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """``gradmap eval``: perplexity of a model on a text."""
+    """``gradmap eval``: perplexity of a model on a text and, with ``--tasks``, zero-shot accuracy."""
     from .data import load_text, tokenize
     from .evaluation import perplexity
 
+    zero_shot = None
+    if args.tasks is not None:
+        from .zeroshot import parse_tasks, task_config
+
+        tasks = parse_tasks(args.tasks)  # bad names, missing lm_eval or data: fail before the model loads
+        for task in tasks:
+            task_config(task)
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit: must be >= 1, got {args.limit}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
+    elif args.no_ppl:
+        raise ValueError("--no-ppl: nothing to evaluate without --tasks")
     model, tokenizer = _load(args)
-    ids = tokenize(tokenizer, load_text(args.text, "test"))
-    r = perplexity(model, ids, seqlen=args.seqlen, stride=args.stride, max_tokens=args.tokens or None,
-                   progress=not args.quiet)
+    r = None
+    if not args.no_ppl:
+        ids = tokenize(tokenizer, load_text(args.text, "test"))
+        r = perplexity(model, ids, seqlen=args.seqlen, stride=args.stride, max_tokens=args.tokens or None,
+                       progress=not args.quiet)
+    if args.tasks is not None:
+        from .zeroshot import evaluate_zero_shot
+
+        zero_shot = evaluate_zero_shot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
+                                       progress=not args.quiet)
     if args.json:
-        print(json.dumps(r.as_dict()))
-    else:
+        if zero_shot is None:
+            print(json.dumps(r.as_dict()))
+        else:
+            print(json.dumps({"perplexity": r.as_dict() if r else None, "zero_shot": zero_shot.as_dict()}))
+        return 0
+    if r is not None:
         print(f"PPL {r.ppl:.3f} on {r.tokens} tokens (seqlen {r.seqlen}, stride {r.stride}, "
               f"{r.tokens_per_s:.0f} tok/s)")
+    if zero_shot is not None:
+        from .zeroshot import format_table
+
+        print(format_table(zero_shot))
     return 0
 
 
@@ -218,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_counts(args)
         return {"prune": cmd_prune, "score": cmd_score, "eval": cmd_eval}[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError,
+            ImportError) as exc:
         print(f"gradmap {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

