@@ -255,3 +255,25 @@ def test_prune_replaceme_compensation_and_bad_method():
     args = build_parser().parse_args(["prune", "--ratio", "0.25", "--method", "sleb", "--compensate", "replaceme",
                                       "--output", "x"])
     assert args.method == "sleb" and args.compensate == "replaceme"
+
+
+def test_cli_prune_with_a_baseline(tmp_path, tiny_tokenizer, capsys):
+    from conftest import SAMPLE_TEXT
+    from gradmap.cli import main
+
+    path = tmp_path / "tiny"
+    model = make_identity(tiny_model("llama"), 2)
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT, encoding="utf-8")
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(path), "--num-layers", "1", "--method", "shortgpt", "--compensate", "none",
+                 "--text", str(text), "--nsamples", "4", "--seqlen", "16", "--no-eval", "--output", str(out),
+                 "-q"]) == 0
+    assert "method shortgpt: removed layers (original indices): [2]" in capsys.readouterr().out
+    report = __import__("json").loads((out / "gradmap_report.json").read_text())
+    assert report["method"] == "shortgpt" and report["removed_layers"] == [2]
+    assert report["selection"]["forward_equivalent_passes"] == 1
+    with pytest.raises(SystemExit):  # argparse refuses an unknown --method (exit status 2)
+        main(["prune", "--model", str(path), "--num-layers", "1", "--method", "nope", "--output", str(tmp_path / "x")])

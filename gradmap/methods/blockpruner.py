@@ -17,6 +17,10 @@ that returns zeros (the residual stream passes unchanged and no compute is spent
   parameters are still stored (and computed): the report gives them as ``zeroed_params`` apart from the
   ``removed_params`` that really left the checkpoint.
 
+GradMAP's stage 2 on top (:mod:`gradmap.compensation`) aligns kept layers with the dense model by whole layers, so
+it fits projections at the gaps left by dropped layers only; the drift caused by a half-removed layer is not a gap
+and is not targeted (``max-shift`` may still pick that layer if its shift is the largest).
+
 Only families with Llama-style sub-block names (``self_attn.o_proj``, ``mlp.down_proj``, attention returning
 ``(output, weights)``) are supported.
 """
