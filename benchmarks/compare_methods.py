@@ -54,6 +54,7 @@ from gradmap.data import build_calibration, load_text, tokenize  # noqa: E402
 from gradmap.evaluation import perplexity  # noqa: E402
 from gradmap.methods import METHODS, run_compensation, select_layers  # noqa: E402
 from gradmap.methods.blockpruner import zero_sub_block_  # noqa: E402
+from gradmap.methods.replaceme import REPLACEME_RIDGE  # noqa: E402
 from gradmap.methods.fidelity import oracle_loss_increase, spearman  # noqa: E402
 from gradmap.models import load_model  # noqa: E402
 from gradmap.pruning import resolve_target  # noqa: E402
@@ -351,6 +352,8 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="all", help="zero-shot tasks (default all seven)")
     p.add_argument("--oracle-nsamples", type=int, default=None, help="oracle windows from the test split "
                    "(default: as --nsamples), --seqlen tokens each")
+    p.add_argument("--replaceme-ridge", type=float, default=None,
+                   help="ReplaceMe's relative ridge (default gradmap.methods.replaceme.REPLACEME_RIDGE)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the whole run (default 2)")
     p.add_argument("--full", action="store_true", help="full settings: 16x256 calibration, all test tokens, "
                    "all zero-shot items (hours on CPU)")
@@ -417,13 +420,16 @@ def main(argv=None) -> int:
     oracle_inc = {int(k): v for k, v in oracle["increase"].items()}
 
     settings = dict(base, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, metric=args.metric,
-                    oracle_windows=oracle_windows.spec, **eval_settings)
+                    replaceme_ridge=args.replaceme_ridge or REPLACEME_RIDGE, oracle_windows=oracle_windows.spec,
+                    **eval_settings)
     expected = 2 * len(args.methods) + ("gromov" in args.methods)
     rows = []
     for method in args.methods:
         sel_key = dict(base, method=method, metric=args.metric if method == "gradmap" else None)
         comps = ["none", "every-gap"] + (["replaceme"] if method == "gromov" else [])
-        row_keys = {c: dict(sel_key, compensation=c, **eval_settings) for c in comps}
+        row_keys = {c: dict(sel_key, compensation=c, **eval_settings,
+                            ridge=(args.replaceme_ridge or REPLACEME_RIDGE) if c == "replaceme" else None)
+                    for c in comps}
         cached_rows = {c: cache.get("row", k) for c, k in row_keys.items()}
         if all(r is not None for r in cached_rows.values()):
             rows += [cached_rows[c] for c in comps]
@@ -447,6 +453,7 @@ def main(argv=None) -> int:
             if comp != "none":
                 t0 = time.perf_counter()
                 result = run_compensation(model, work, sel["kept"], calibration, mode=comp,
+                                          ridge=args.replaceme_ridge if comp == "replaceme" else None,
                                           micro_batch=args.micro_batch, progress=not args.quiet)
                 stage2 = time.perf_counter() - t0
                 notes = result.notes + [f"layer {f.layer}: ridge {f.ridge}, applied {f.applied}" for f in result.fits]

@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import COMMON, random_calibration, tiny_model
 from gradmap import prune
-from gradmap.adapters import get_adapter
 from gradmap.checkpoint import save_checkpoint
 from gradmap.cli import build_parser
 from gradmap.data import Calibration
