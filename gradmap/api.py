@@ -13,9 +13,10 @@ from torch import nn
 
 from .adapters import get_adapter
 from .checkpoint import json_writer, save_checkpoint
-from .compensation import CompensationResult, compensate
+from .compensation import CompensationResult
 from .data import Calibration
 from .evaluation import perplexity
+from .methods import check_compensation, check_method, run_compensation, select_layers
 from .models import validate_model
 from .pruning import Selection, select_iterative
 from .removal import remove_layers
@@ -26,6 +27,7 @@ from .validation import ModelLimits, check_prune_plan
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_METHOD = "gradmap"
 DEFAULT_METRIC = "grad_update_norm"
 DEFAULT_COMPENSATION = "every-gap"
 REPORT_FILE = "gradmap_report.json"
@@ -62,7 +64,7 @@ class PruneResult:
         calibration spec and package versions."""
         comp = self.compensation
         return {
-            "method": "gradmap",
+            "method": self.settings.get("method", self.selection.method),
             "settings": self.settings,
             "calibration": self.calibration,
             "num_layers_dense": len(self.kept) + len(self.removed),
@@ -71,6 +73,10 @@ class PruneResult:
             "kept_layers": list(self.kept),
             "steps": [{"step": s.step, "removed": s.removed, "seconds": s.seconds,
                        "scores": {str(k): v for k, v in s.scores.items()}} for s in self.selection.steps],
+            "selection": {"seconds": self.selection.seconds, "forward_equivalent_passes": self.selection.passes,
+                          "first_step_layer_scores": {str(k): v for k, v in
+                                                      self.selection.first_layer_scores().items()},
+                          **self.selection.extra},
             "compensation": {"mode": comp.mode, "seconds": comp.seconds, "notes": comp.notes,
                              "mean_shift": {str(k): v for k, v in comp.shifts.items()},
                              "relative_mean_shift": {str(k): v for k, v in comp.relative_shifts.items()},
@@ -90,8 +96,9 @@ class PruneResult:
         """
         report = self.report()
         extra = {REPORT_FILE: json_writer(report)}
-        if report["steps"]:
-            extra[PLOT_FILE] = lambda p: plot_scores(report["steps"], p, f"{self.settings.get('metric')} scores")
+        if report["steps"] and all(isinstance(s.removed, int) for s in self.selection.steps):
+            name = self.settings.get("metric") if report["method"] == "gradmap" else report["method"]
+            extra[PLOT_FILE] = lambda p: plot_scores(report["steps"], p, f"{name} scores")
         return save_checkpoint(self.model, tokenizer, output_dir, overwrite=overwrite, extra=extra)
 
 
@@ -109,11 +116,11 @@ class _EvalMode:
 
 
 def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None = None, ratio: float | None = None,
-          metric: str = DEFAULT_METRIC, compensate_mode: str = DEFAULT_COMPENSATION, ridge: float | None = None,
+          method: str = DEFAULT_METHOD, metric: str = DEFAULT_METRIC, compensate_mode: str = DEFAULT_COMPENSATION, ridge: float | None = None,
           protected: list[int] | tuple[int, ...] = (), micro_batch: int = 8, eval_tokens: torch.Tensor | None = None,
           eval_seqlen: int = 1024, eval_max_tokens: int | None = None, seed: int = 0, inplace: bool = False,
           backend: str = "hooks", progress: bool = False, resume: str | Path | None = None) -> PruneResult:
-    """Remove ``num_layers`` (or ``ratio`` of the) decoder layers with GradMAP and repair the model.
+    """Remove ``num_layers`` (or ``ratio`` of the) decoder layers with GradMAP (or a baseline) and repair the model.
 
     Stage 1 (arXiv 2602.14649 Sec. 3): iteratively score all remaining layers with one forward + backward and drop the
     lowest (:mod:`gradmap.scoring`). Stage 2: measure the hidden-state mean shift of every kept layer against the dense
@@ -123,8 +130,11 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
         model: a ``transformers`` causal LM of a supported family (:mod:`gradmap.adapters`).
         calibration: calibration windows (:func:`gradmap.data.build_calibration`).
         num_layers / ratio: how many layers to remove (exactly one; ratio rounds half up).
-        metric: stage-1 metric, one of :data:`gradmap.scoring.METRICS`.
-        compensate_mode: ``"none"``, ``"max-shift"`` or ``"every-gap"``.
+        method: layer selection, one of :data:`gradmap.methods.METHODS` (``"gradmap"``: stage 1 below; the others
+            are the baselines of :mod:`gradmap.methods`, sharing everything else in this pipeline).
+        metric: stage-1 metric, one of :data:`gradmap.scoring.METRICS` (``method="gradmap"`` only).
+        compensate_mode: ``"none"``, ``"max-shift"``, ``"every-gap"`` (GradMAP stage 2) or ``"replaceme"``
+            (ReplaceMe's closed-form T, :mod:`gradmap.methods.replaceme`).
         ridge: relative ridge for stage 2 (``None``: chosen on held-out calibration windows).
         protected: original layer indices never removed.
         micro_batch: calibration windows per forward/backward.
@@ -141,12 +151,16 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
         :class:`PruneResult`.
 
     Raises:
-        ValueError: unknown metric or compensation mode, a bad target (see
+        ValueError: unknown method, metric or compensation mode, a bad target (see
             :func:`gradmap.pruning.resolve_target`), calibration windows longer than the model's maximum, a model
             on the meta device or quantized, non-finite scores / Gram matrices, or a ``resume`` file recorded for a
             different model, calibration or settings.
     """
+    check_method(method)
     check_metric(metric)
+    check_compensation(compensate_mode)
+    if resume is not None and method != "gradmap":
+        raise ValueError(f"resume: only method 'gradmap' records resumable decisions, got method {method!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     validate_model(model)
@@ -162,7 +176,7 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
     if limit is not None and calibration.seqlen > limit:
         raise ValueError(f"calibration: seqlen {calibration.seqlen} exceeds the model's maximum {limit}")
     torch.manual_seed(seed)
-    settings = {"num_layers": target, "ratio": ratio, "metric": metric, "compensate": compensate_mode,
+    settings = {"method": method, "num_layers": target, "ratio": ratio, "metric": metric, "compensate": compensate_mode,
                 "ridge": ridge, "protected": sorted(int(p) for p in protected), "micro_batch": micro_batch,
                 "seed": seed, "eval_seqlen": eval_seqlen, "eval_max_tokens": eval_max_tokens, "backend": backend}
     timings: dict[str, float] = {}
@@ -196,30 +210,35 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
         work = copy.deepcopy(model)
     work.eval()
 
-    # Stage 1: iterative scoring and removal.
-    kept = list(range(n_dense))
-    selection = Selection()
-    for step in recorded:  # resumed: replay the recorded decisions without scoring
-        remove_layers(work, [kept.index(step.removed)], adapter)
-        kept.remove(step.removed)
-        selection.removed.append(step.removed)
-        selection.steps.append(step)
-    while len(selection.removed) < target:
-        select_iterative(work, calibration, len(selection.removed) + 1, metric=metric, protected=protected,
-                         micro_batch=micro_batch, progress=progress, kept=kept, selection=selection, backend=backend)
-        kept = [i for i in range(n_dense) if i not in set(selection.removed)]
-        if resume is not None:
-            write_state(resume, run_id, selection.steps)
+    # Stage 1: layer selection and removal (GradMAP's iterative gradient metric, resumable; or a baseline).
+    if method == "gradmap":
+        kept = list(range(n_dense))
+        selection = Selection()
+        for step in recorded:  # resumed: replay the recorded decisions without scoring
+            remove_layers(work, [kept.index(step.removed)], adapter)
+            kept.remove(step.removed)
+            selection.removed.append(step.removed)
+            selection.steps.append(step)
+        while len(selection.removed) < target:
+            select_iterative(work, calibration, len(selection.removed) + 1, metric=metric, protected=protected,
+                             micro_batch=micro_batch, progress=progress, kept=kept, selection=selection,
+                             backend=backend)
+            kept = [i for i in range(n_dense) if i not in set(selection.removed)]
+            if resume is not None:
+                write_state(resume, run_id, selection.steps)
+    else:
+        selection = select_layers(work, calibration, target, method=method, metric=metric, protected=protected,
+                                  micro_batch=micro_batch, backend=backend, progress=progress)
     kept = [i for i in range(n_dense) if i not in set(selection.removed)]
     timings["scoring"] = selection.seconds
     evaluate("pruned", work)
 
-    # Stage 2: projection compensation.
+    # Stage 2: projection compensation (GradMAP's, or ReplaceMe's).
     comp = CompensationResult(mode=compensate_mode)
     if needs_dense:
         with _EvalMode(dense):
-            comp = compensate(dense, work, kept, calibration, mode=compensate_mode, ridge=ridge,
-                              micro_batch=micro_batch, progress=progress)
+            comp = run_compensation(dense, work, kept, calibration, mode=compensate_mode, ridge=ridge,
+                                    micro_batch=micro_batch, progress=progress)
         timings["compensation"] = comp.seconds
         evaluate("compensated", work)
     timings["total"] = time.perf_counter() - start

@@ -1,6 +1,7 @@
 """Command line: ``gradmap prune | score | eval``.
 
     gradmap prune --ratio 0.25 --output pruned-smollm2            # default model (SmolLM2-135M), Wikipedia text
+    gradmap prune --ratio 0.25 --method sleb --compensate none --output sleb-smollm2   # a baseline
     gradmap score --model ./my-llama --metric taylor               # one scoring pass, every layer's score
     gradmap eval --model pruned-smollm2 --text wiki.test.raw       # perplexity of any model directory
     gradmap eval --model pruned-smollm2 --tasks all --limit 100    # plus zero-shot accuracy (lm-eval, local data)
@@ -62,9 +63,9 @@ def _zeroshot_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``gradmap`` argument parser (subcommands prune, score, eval)."""
-    from .compensation import MODES
+    from .methods import COMPENSATIONS, METHODS
     from .scoring import METRICS
-    from .api import DEFAULT_COMPENSATION, DEFAULT_METRIC
+    from .api import DEFAULT_COMPENSATION, DEFAULT_METHOD, DEFAULT_METRIC
 
     parser = argparse.ArgumentParser(prog="gradmap", description="GradMAP layer pruning for causal LLMs "
                                      "(gradient metric + projection compensation, arXiv 2602.14649)")
@@ -78,9 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--num-layers", type=int, help="number of decoder layers to remove")
     target.add_argument("--ratio", type=float, help="fraction of decoder layers to remove, in (0, 1)")
-    p.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS, help=f"stage-1 metric (default {DEFAULT_METRIC})")
-    p.add_argument("--compensate", default=DEFAULT_COMPENSATION, choices=MODES,
-                   help=f"stage-2 compensation (default {DEFAULT_COMPENSATION})")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
+                   help=f"layer selection: GradMAP or a baseline (default {DEFAULT_METHOD})")
+    p.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS,
+                   help=f"stage-1 metric of --method gradmap (default {DEFAULT_METRIC})")
+    p.add_argument("--compensate", default=DEFAULT_COMPENSATION, choices=COMPENSATIONS,
+                   help=f"compensation: GradMAP stage 2 (max-shift, every-gap), ReplaceMe's T (replaceme) or none "
+                        f"(default {DEFAULT_COMPENSATION})")
     p.add_argument("--ridge", type=float, default=None,
                    help="relative ridge for stage 2 (default: chosen on held-out calibration windows)")
     p.add_argument("--protected", type=_protected, default=[], help="comma-separated layer indices never removed")
@@ -229,6 +234,8 @@ def cmd_prune(args) -> int:
                          names=CLI_NAMES)
     except ValueError as exc:
         raise _cli_names(exc) from None
+    if args.resume and args.method != "gradmap":
+        raise ValueError(f"--resume: only --method gradmap records resumable decisions, got --method {args.method}")
     state = _state_path(args.output)
     if state.exists() and not args.resume:
         log.info("ignoring the state file %s of an earlier run (pass --resume to continue it)", state)
@@ -238,17 +245,21 @@ def cmd_prune(args) -> int:
     eval_ids = None
     if not args.no_eval:
         eval_ids = tokenize(tokenizer, load_text(args.eval_text, _text_split(args.eval_text, "test", args.text)))
-    result = prune(model, calibration, num_layers=args.num_layers, ratio=args.ratio, metric=args.metric,
+    result = prune(model, calibration, num_layers=args.num_layers, ratio=args.ratio, method=args.method,
+                   metric=args.metric,
                    compensate_mode=args.compensate, ridge=args.ridge, protected=args.protected,
                    micro_batch=args.micro_batch, eval_tokens=eval_ids, eval_seqlen=args.eval_seqlen,
                    eval_max_tokens=args.eval_tokens or None, seed=args.seed, inplace=True, backend=args.backend,
-                   progress=not args.quiet, resume=state)
+                   progress=not args.quiet, resume=state if args.method == "gradmap" else None)
     result.settings.update(model=str(args.model), dtype=args.dtype, text=args.text, eval_text=args.eval_text,
                            text_split=calib_split)
     path = result.save(args.output, tokenizer, overwrite=args.overwrite)
     state.unlink(missing_ok=True)  # the checkpoint is complete: nothing left to resume
     print()
-    print(f"removed layers (original indices): {sorted(result.removed)}  (removal order {result.removed})")
+    print(f"method {args.method}: removed layers (original indices): {sorted(result.removed)}  "
+          f"(removal order {result.removed}); {result.selection.passes:g} forward-equivalent passes")
+    if result.selection.extra.get("zeroed_sub_blocks"):
+        print(f"zeroed sub-blocks: {result.selection.extra['zeroed_sub_blocks']}")
     if result.perplexity:
         print(f"{'model':<12} {'layers':>6} {'PPL':>9} {'tokens':>8} {'tok/s':>8}")
         for name, r in result.perplexity.items():

@@ -56,24 +56,56 @@ def resolve_target(num_layers_total: int, num_layers: int | None = None, ratio: 
 
 @dataclass
 class Step:
-    """One pruning decision: every remaining layer's score (keyed by original index), the one removed, the cost."""
+    """One pruning decision: every candidate's score, the candidate removed, the cost (seconds).
+
+    Candidates are decoder layers keyed by ORIGINAL index (int) for every method except BlockPruner, whose
+    candidates are sub-blocks keyed ``"<layer>.attn"`` / ``"<layer>.mlp"`` (str). One-shot methods repeat the one
+    score dict in every step and put the whole scoring time on step 0.
+    """
 
     step: int
-    scores: dict[int, float]
-    removed: int
+    scores: dict[int | str, float]
+    removed: int | str
     seconds: float
+
+
+#: Forward-equivalent passes of one GradMAP decision: one forward + one backward, a backward counted as 2 forwards
+#: (the usual FLOP convention: the backward computes gradients w.r.t. activations and weights, ~2x the forward).
+PASSES_PER_GRADIENT_STEP = 3
 
 
 @dataclass
 class Selection:
-    """Outcome of iterative selection: removed original indices in removal order and every step."""
+    """Outcome of a layer selection (GradMAP or a baseline of :mod:`gradmap.methods`).
+
+    Attributes:
+        removed: removed decoder layers, ORIGINAL indices, in removal order.
+        steps: every decision (:class:`Step`).
+        method: the selection method's name.
+        passes: forward-equivalent passes over the calibration set spent on the selection: a forward of the current
+            (possibly already pruned) model counts 1, a backward 2 (:data:`PASSES_PER_GRADIENT_STEP`).
+        layer_scores: the method's first-step score of every dense decoder layer (original index → score, lower =
+            less important), the input of the fidelity check; ``None`` means ``steps[0].scores``.
+        extra: method-specific facts for the report (e.g. BlockPruner's zeroed sub-blocks and parameter counts).
+    """
 
     removed: list[int] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
+    method: str = "gradmap"
+    passes: float = 0.0
+    layer_scores: dict[int, float] | None = None
+    extra: dict = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
+        """Wall time of all steps, seconds."""
         return sum(s.seconds for s in self.steps)
+
+    def first_layer_scores(self) -> dict[int, float]:
+        """Per-layer first-step scores (original index → score) for the fidelity check."""
+        if self.layer_scores is not None:
+            return dict(self.layer_scores)
+        return {int(k): float(v) for k, v in self.steps[0].scores.items()} if self.steps else {}
 
 
 def select_iterative(model: nn.Module, calibration: Calibration, target: int, *, metric: str = "taylor",
@@ -110,6 +142,7 @@ def select_iterative(model: nn.Module, calibration: Calibration, target: int, *,
         kept.pop(position)
         selection.removed.append(victim)
         selection.steps.append(Step(len(selection.steps), by_orig, victim, stats.seconds))
+        selection.passes += PASSES_PER_GRADIENT_STEP
         logger.info("step %d: removed layer %d (score %.4g) in %.1f s", len(selection.steps), victim,
                     by_orig[victim], stats.seconds)
     return selection

@@ -141,11 +141,11 @@ def check_prune_plan(limits: ModelLimits, *, num_layers: int | None = None, rati
             ``seqlen`` or ``eval_seqlen`` < 2 or above the model's maximum; ``nsamples`` < 1, or < 2 with
             compensation (one window is held out); a bad ridge or micro-batch; unknown compensation mode.
     """
-    from .compensation import check_mode
+    from .methods import check_compensation
 
     n = names or {}
     adapter_for_type(limits.model_type)
-    check_mode(compensate)
+    check_compensation(compensate)
     check_ridge(ridge, n.get("ridge", "ridge"))
     check_positive(micro_batch, n.get("micro_batch", "micro_batch"))
     target = resolve_target(limits.num_layers, num_layers, ratio, protected)

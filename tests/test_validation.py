@@ -17,6 +17,7 @@ from gradmap.checkpoint import MARKER, save_checkpoint
 from gradmap.cli import main
 from gradmap.compensation import compensate, conditioned_ridge
 from gradmap.removal import remove_layers
+from gradmap.validation import ModelLimits, check_prune_plan
 
 
 @pytest.fixture(scope="module")
@@ -360,3 +361,19 @@ def test_cli_resume_after_ctrl_c(dirs, tmp_path, capsys, monkeypatch):
     assert json.loads((out / "gradmap_report.json").read_text())["removal_order"] == full["removal_order"]
     assert not state.exists()
     capsys.readouterr()
+
+
+def test_resume_only_for_gradmap_method(tmp_path, dirs):
+    with pytest.raises(ValueError, match="resume: only method 'gradmap' records resumable decisions, got method 'sleb'"):
+        prune(tiny_model("llama"), random_calibration(nsamples=4), num_layers=1, method="sleb",
+              compensate_mode="none", resume=tmp_path / "state.json")
+    code = main(["prune", "--model", str(dirs / "tiny"), "--num-layers", "1", "--method", "sleb", "--resume",
+                 "--output", str(tmp_path / "out")])
+    assert code == 2 and not (tmp_path / "out").exists()
+
+
+def test_replaceme_compensation_passes_the_plan_check():
+    limits = ModelLimits("llama", 6, 128)
+    assert check_prune_plan(limits, num_layers=2, nsamples=4, compensate="replaceme") == 2
+    with pytest.raises(ValueError, match="compensate: 'nope' is not one of none, max-shift, every-gap, replaceme"):
+        check_prune_plan(limits, num_layers=2, compensate="nope")

@@ -1,0 +1,504 @@
+"""GradMAP against the layer-pruning baselines on the default model: one command, one process, the same data.
+
+    python benchmarks/compare_methods.py                      # defaults: < 45 min on 2 CPU cores, writes docs/compare/
+    python benchmarks/compare_methods.py --full               # larger calibration set, full test text, all items
+
+Every method of :data:`gradmap.methods.METHODS` removes the same number of decoder layers (``--ratio``, 25 % = 8 of
+SmolLM2's 30) using the SAME calibration windows (``--nsamples`` × ``--seqlen`` tokens of the Wikipedia calibration
+split, seed ``--seed``). Each selection runs once; its pruned model is evaluated as is ("none") and after GradMAP's
+stage 2 ("every-gap", :func:`gradmap.compensation.compensate`); the Gromov block also gets ReplaceMe's own closed-form
+compensation ("replaceme"). Evaluation: test-split perplexity (first ``--eval-tokens`` tokens, ``--eval-seqlen`` per
+window) and zero-shot accuracy (:func:`gradmap.zeroshot.evaluate_zero_shot`, first ``--zeroshot-limit`` items of each
+task). Torch threads are fixed (``--threads``) for the whole run.
+
+Columns: prune time = wall seconds of the layer selection (stage 1 for GradMAP; the method's scoring and removal for a
+baseline); stage-2 time separately; forward-equivalent passes over the calibration set (a backward counts 2, see
+:mod:`gradmap.methods`); time ratio = the method's prune time / GradMAP's (> 1: GradMAP is faster); peak memory =
+peak heap bytes in use during the selection above the level before it (CPU: glibc ``mallinfo2`` in-use bytes,
+``uordblks + hblkhd``, sampled every 2 ms by a thread, so a peak shorter than that can be missed; CUDA:
+``torch.cuda.max_memory_allocated``); Spearman = rank correlation of the method's first-step layer scores with the
+oracle (:mod:`gradmap.methods.fidelity`), the loss increase of removing each single layer measured on windows of the
+TEST split (so no method has seen them; on the calibration windows PPL/SLEB would match the oracle by construction).
+
+Reuse: each selection and each evaluated row is cached as JSON under ``<out>/cache/``, keyed by a hash of every
+setting that affects it; a rerun with the same settings recomputes only what is missing (``--fresh`` ignores the
+cache). A pruned model is rebuilt from a cached selection (removed layers, BlockPruner's zeroed sub-blocks) without
+re-running the method. Outputs in ``--out``: ``compare.csv``, ``compare.json`` (rows, dense model, oracle, settings,
+environment, wall time), ``compare.md`` (table + summary) and ``compare.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import ctypes
+import hashlib
+import importlib.metadata
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gradmap import __version__  # noqa: E402
+from gradmap.adapters import get_adapter  # noqa: E402
+from gradmap.data import build_calibration, load_text, tokenize  # noqa: E402
+from gradmap.evaluation import perplexity  # noqa: E402
+from gradmap.methods import METHODS, run_compensation, select_layers  # noqa: E402
+from gradmap.methods.blockpruner import zero_sub_block_  # noqa: E402
+from gradmap.methods.replaceme import REPLACEME_RIDGE  # noqa: E402
+from gradmap.methods.fidelity import oracle_loss_increase, spearman  # noqa: E402
+from gradmap.models import load_model  # noqa: E402
+from gradmap.pruning import resolve_target  # noqa: E402
+from gradmap.removal import remove_layers  # noqa: E402
+from gradmap.report import environment  # noqa: E402
+
+log = logging.getLogger("compare_methods")
+MIB = 2**20
+LABELS = {"gradmap": "GradMAP", "shortgpt": "ShortGPT (BI)", "gromov": "Gromov (angular)",
+          "taylor-plus": "Shortened-LLaMA Taylor+", "ppl": "Shortened-LLaMA PPL", "sleb": "SLEB",
+          "blockpruner": "BlockPruner"}
+
+
+# ----------------------------------------------------------------------------------------------------------- memory
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as p: ...`` then ``p.peak_bytes``: peak bytes in use above the start level.
+
+    CPU: glibc ``mallinfo2()`` (heap bytes handed out by malloc, all arenas, plus mmapped blocks) sampled by a thread
+    every ``interval`` seconds; ``None`` when glibc has no ``mallinfo2``. CUDA: ``torch.cuda.max_memory_allocated``.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.002):
+        self.device, self.interval, self.peak_bytes = device, interval, None
+        self._fn = None
+        if device.type == "cpu":
+            try:
+                self._fn = ctypes.CDLL("libc.so.6").mallinfo2
+                self._fn.restype = _MallInfo2
+            except (OSError, AttributeError):
+                self._fn = None
+
+    def _in_use(self) -> int:
+        info = self._fn()
+        return int(info.uordblks + info.hblkhd)
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._max = max(self._max, self._in_use())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        elif self._fn is not None:
+            self._base = self._max = self._in_use()
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        elif self._fn is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self._max, self._in_use()) - self._base
+
+
+# ------------------------------------------------------------------------------------------------------------ cache
+class Cache:
+    """JSON records under ``<out>/cache/<kind>-<hash>.json``; ``fresh`` ignores what is there (and overwrites)."""
+
+    def __init__(self, root: Path, fresh: bool):
+        self.root, self.fresh = root / "cache", fresh
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def key(settings: dict) -> str:
+        return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def path(self, kind: str, settings: dict) -> Path:
+        return self.root / f"{kind}-{self.key(settings)}.json"
+
+    def get(self, kind: str, settings: dict):
+        p = self.path(kind, settings)
+        if self.fresh or not p.is_file():
+            return None
+        return json.loads(p.read_text())
+
+    def put(self, kind: str, settings: dict, record: dict) -> dict:
+        p = self.path(kind, settings)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(dict(record, settings=settings), indent=1, default=str))
+        tmp.replace(p)
+        return record
+
+
+# ------------------------------------------------------------------------------------------------------- the steps
+def run_selection(model, calibration, target, method, args) -> dict:
+    """Select on a copy of the dense ``model``; return the record (the pruned model under ``"model"``)."""
+    work = copy.deepcopy(model).eval()
+    device = next(model.parameters()).device
+    with PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        sel = select_layers(work, calibration, target, method=method, metric=args.metric,
+                            micro_batch=args.micro_batch, progress=not args.quiet)
+        seconds = time.perf_counter() - t0
+    kept = [i for i in range(len(get_adapter(model).layers(model))) if i not in set(sel.removed)]
+    params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in work.parameters())
+    record = {"method": method, "removed": sorted(sel.removed), "removal_order": list(sel.removed), "kept": kept,
+              "seconds": seconds, "step_seconds": sel.seconds, "passes": sel.passes,
+              "peak_bytes": mem.peak_bytes, "removed_params": params,
+              "zeroed_params": sel.extra.get("zeroed_params", 0),
+              "zeroed_sub_blocks": sel.extra.get("zeroed_sub_blocks", []),
+              "first_step_layer_scores": {str(k): v for k, v in sel.first_layer_scores().items()},
+              "extra": sel.extra}
+    log.info("%s: removed %s in %.1f s (%g passes)", method, record["removed"], seconds, sel.passes)
+    return dict(record, model=work)
+
+
+def rebuild(model, record: dict):
+    """The pruned model of a cached selection: zero BlockPruner's sub-blocks, then drop the removed layers."""
+    work = copy.deepcopy(model).eval()
+    layers = get_adapter(work).layers(work)
+    for label in record["zeroed_sub_blocks"]:
+        layer, kind = label.split(".")
+        zero_sub_block_(layers[int(layer)], kind)
+    remove_layers(work, record["removed"])
+    return work
+
+
+def evaluate(model, tokenizer, eval_ids, args) -> dict:
+    """Test PPL and zero-shot accuracy of ``model``."""
+    from gradmap.zeroshot import evaluate_zero_shot
+
+    out = {}
+    t0 = time.perf_counter()
+    out["ppl"] = perplexity(model, eval_ids, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens or None).as_dict()
+    if args.zeroshot_limit >= 0:
+        zs = evaluate_zero_shot(model, tokenizer, args.tasks, limit=args.zeroshot_limit or None,
+                                batch_size=args.zeroshot_batch_size)
+        out["zeroshot"] = zs.as_dict()
+    out["eval_seconds"] = time.perf_counter() - t0
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ output
+def table_rows(rows: list[dict], dense: dict) -> list[dict]:
+    """Flat rows for CSV / markdown: one per (method, compensation), plus the dense model first."""
+    base = [r for r in rows if r["method"] == "gradmap" and r["compensation"] == "none"]
+    g_sec = base[0]["prune_seconds"] if base else None
+    flat = [{"method": "dense", "compensation": "-", "removed_layers": "", "prune_s": "", "stage2_s": "",
+             "passes": "", "time_ratio_vs_gradmap": "", "peak_mib": "", "removed_params": 0, "zeroed_params": 0,
+             "test_ppl": dense["ppl"]["ppl"], "zeroshot_avg": dense.get("zeroshot", {}).get("average"),
+             "spearman_vs_oracle": "", **_task_columns(dense)}]
+    for r in rows:
+        flat.append({
+            "method": r["method"], "compensation": r["compensation"],
+            "removed_layers": " ".join(str(i) for i in r["removed"]),
+            "prune_s": r["prune_seconds"], "stage2_s": r["stage2_seconds"], "passes": r["passes"],
+            "time_ratio_vs_gradmap": r["prune_seconds"] / g_sec if g_sec else "",
+            "peak_mib": r["peak_bytes"] / MIB if r["peak_bytes"] is not None else "",
+            "removed_params": r["removed_params"], "zeroed_params": r["zeroed_params"],
+            "test_ppl": r["ppl"]["ppl"], "zeroshot_avg": r.get("zeroshot", {}).get("average"),
+            "spearman_vs_oracle": r["spearman"], **_task_columns(r)})
+    return flat
+
+
+def _task_columns(r: dict) -> dict:
+    zs = r.get("zeroshot")
+    if not zs:
+        return {}
+    return {f"zs_{t}": v[v["headline"]] if "headline" in v else v.get("acc") for t, v in zs["tasks"].items()}
+
+
+def _fmt(v, digits=2):
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def write_markdown(path: Path, flat: list[dict], summary: list[str], settings: dict, wall: float) -> None:
+    cols = [("method", "method", None), ("compensation", "comp.", None), ("removed_layers", "removed (orig. idx)", None),
+            ("prune_s", "prune s", 1), ("stage2_s", "stage 2 s", 1), ("passes", "fwd-eq. passes", 0),
+            ("time_ratio_vs_gradmap", "time / GradMAP", 2), ("peak_mib", "peak MiB", 0),
+            ("test_ppl", "test PPL", 2), ("zeroshot_avg", "0-shot avg", 3), ("spearman_vs_oracle", "Spearman", 2)]
+    tasks = [k for k in flat[0] if k.startswith("zs_")]
+    cols += [(t, t[3:], 3) for t in tasks]
+    lines = ["# GradMAP vs layer-pruning baselines", "",
+             f"Model `{settings['model']}`, {settings['target']} of {settings['num_layers']} decoder layers removed; "
+             f"calibration {settings['nsamples']}×{settings['seqlen']} tokens (seed {settings['seed']}), the same "
+             f"windows for every method; test PPL on {settings['eval_tokens'] or 'all'} test-split tokens "
+             f"(seqlen {settings['eval_seqlen']}); zero-shot: first {settings['zeroshot_limit'] or 'all'} items per "
+             f"task; torch threads {settings['threads']}. Whole run (this invocation): {wall:.0f} s.", "",
+             "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in flat:
+        lines.append("| " + " | ".join(_fmt(r.get(k), d if d is not None else 2) for k, _, d in cols) + " |")
+    lines += ["", "BlockPruner removes attention/MLP sub-blocks: layers with both gone are dropped; "
+              "the rest are zeroed in place (their parameters stay in the checkpoint, `zeroed_params` in the CSV).",
+              "", "## Summary", ""] + [f"- {s}" for s in summary]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, rows: list[dict], dense: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
+    marks = {"none": "o", "every-gap": "^", "replaceme": "s"}
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
+    for r in rows:
+        a.scatter(r["prune_seconds"], r["ppl"]["ppl"], marker=marks[r["compensation"]], color=colors[r["method"]],
+                  s=60, label=f"{LABELS[r['method']]} / {r['compensation']}")
+        if r.get("zeroshot"):
+            b.scatter(r["ppl"]["ppl"], r["zeroshot"]["average"], marker=marks[r["compensation"]],
+                      color=colors[r["method"]], s=60)
+    a.axhline(dense["ppl"]["ppl"], color="gray", ls="--", lw=1, label="dense")
+    a.set_xscale("log")
+    a.set_yscale("log")
+    a.set_xlabel("layer-selection wall time (s, log)")
+    a.set_ylabel("test perplexity (log)")
+    a.set_title("cost vs perplexity (o none, ^ stage 2, s ReplaceMe)")
+    a.grid(alpha=0.3, which="both")
+    a.legend(fontsize=6, ncol=2)
+    if dense.get("zeroshot"):
+        b.axhline(dense["zeroshot"]["average"], color="gray", ls="--", lw=1)
+    b.set_xscale("log")
+    b.set_xlabel("test perplexity (log)")
+    b.set_ylabel("zero-shot average accuracy")
+    b.set_title("perplexity vs zero-shot (dashed: dense)")
+    b.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def summarize(rows: list[dict]) -> list[str]:
+    """The comparisons the issue asks for, as sentences computed from the rows."""
+    by = {(r["method"], r["compensation"]): r for r in rows}
+    out = []
+    g = by.get(("gradmap", "none"))
+    if g:
+        ratios = [f"{LABELS[m]} {by[(m, 'none')]['prune_seconds'] / g['prune_seconds']:.2f}x"
+                  for m in METHODS if m != "gradmap" and (m, "none") in by]
+        out.append("Layer-selection time relative to GradMAP (> 1: GradMAP faster): " + ", ".join(ratios) + ".")
+    for comp in ("none", "every-gap"):
+        g = by.get(("gradmap", comp))
+        others = [r for (m, c), r in by.items() if m != "gradmap" and c == comp]
+        if g and others:
+            best_ppl = min(others, key=lambda r: r["ppl"]["ppl"])
+            line = (f"compensation {comp}: GradMAP test PPL {g['ppl']['ppl']:.2f} vs best baseline "
+                    f"{LABELS[best_ppl['method']]} {best_ppl['ppl']['ppl']:.2f}")
+            zs = [r for r in others if r.get("zeroshot")]
+            if g.get("zeroshot") and zs:
+                best_zs = max(zs, key=lambda r: r["zeroshot"]["average"])
+                line += (f"; zero-shot average {g['zeroshot']['average']:.3f} vs best baseline "
+                         f"{LABELS[best_zs['method']]} {best_zs['zeroshot']['average']:.3f}")
+            out.append(line + ".")
+    gains = []
+    for m in METHODS:
+        if (m, "none") in by and (m, "every-gap") in by:
+            a, b = by[(m, "none")]["ppl"]["ppl"], by[(m, "every-gap")]["ppl"]["ppl"]
+            gains.append(f"{LABELS[m]} {a:.2f} → {b:.2f} ({100 * (b - a) / a:+.1f} %)")
+    if gains:
+        out.append("Stage 2 (every-gap) effect on test PPL: " + "; ".join(gains) + ".")
+    if ("gromov", "replaceme") in by:
+        out.append(f"ReplaceMe (Gromov block + closed-form T): test PPL {by[('gromov', 'replaceme')]['ppl']['ppl']:.2f}.")
+    fid = [f"{LABELS[r['method']]} {r['spearman']:.2f}" for r in rows if r["compensation"] == "none"]
+    out.append("Spearman correlation of first-step scores with the oracle: " + ", ".join(fid) + ".")
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="default", help="model directory or 'default' (SmolLM2-135M)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--ratio", type=float, default=0.25, help="fraction of decoder layers to remove (default 0.25)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 8; --full 16)")
+    p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 64; --full 256)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--micro-batch", type=int, default=8, help="windows per forward/backward (default 8)")
+    p.add_argument("--metric", default=None, help="GradMAP stage-1 metric (default: gradmap.DEFAULT_METRIC)")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="test-split tokens for PPL (default 8192; --full 0 = all)")
+    p.add_argument("--eval-seqlen", type=int, default=1024, help="PPL window (default 1024)")
+    p.add_argument("--zeroshot-limit", type=int, default=None,
+                   help="items per zero-shot task (default 10; --full 0 = all; -1 = skip zero-shot)")
+    p.add_argument("--zeroshot-batch-size", type=int, default=8)
+    p.add_argument("--tasks", default="all", help="zero-shot tasks (default all seven)")
+    p.add_argument("--oracle-nsamples", type=int, default=None, help="oracle windows from the test split "
+                   "(default: as --nsamples), --seqlen tokens each")
+    p.add_argument("--replaceme-ridge", type=float, default=None,
+                   help="ReplaceMe's relative ridge (default gradmap.methods.replaceme.REPLACEME_RIDGE)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for the whole run (default 2)")
+    p.add_argument("--full", action="store_true", help="full settings: 16x256 calibration, all test tokens, "
+                   "all zero-shot items (hours on CPU)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "compare"), help="output directory (default docs/compare)")
+    p.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute everything")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    defaults = {"nsamples": (8, 16), "seqlen": (64, 256), "eval_tokens": (8192, 0), "zeroshot_limit": (10, 0)}
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, full if args.full else quick)
+    if args.metric is None:
+        from gradmap.api import DEFAULT_METRIC
+        args.metric = DEFAULT_METRIC
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        p.error(f"--methods: unknown {bad}; accepted: {', '.join(METHODS)}")
+    if "gradmap" not in args.methods:
+        p.error("--methods: must include gradmap (the time ratios are relative to it)")
+    args.oracle_nsamples = args.oracle_nsamples or args.nsamples
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Cache(out, args.fresh)
+    start = time.perf_counter()
+
+    model, tokenizer = load_model(args.model)
+    model.eval()
+    n_layers = len(get_adapter(model).layers(model))
+    target = resolve_target(n_layers, ratio=args.ratio)
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    calibration = build_calibration(tokenizer, load_text("wiki", "calibration"), nsamples=args.nsamples,
+                                    seqlen=args.seqlen, seed=args.seed, max_length=max_len)
+    test_text = load_text("wiki", "test")
+    eval_ids = tokenize(tokenizer, test_text)
+    oracle_windows = build_calibration(tokenizer, test_text, nsamples=args.oracle_nsamples, seqlen=args.seqlen,
+                                       seed=args.seed + 1, source="wiki-test", max_length=max_len)
+    base = {"model": args.model, "gradmap": __version__, "num_layers": n_layers, "target": target,
+            "calibration": calibration.spec, "micro_batch": args.micro_batch, "threads": args.threads}
+    eval_settings = {"eval_tokens": args.eval_tokens, "eval_seqlen": args.eval_seqlen,
+                     "zeroshot_limit": args.zeroshot_limit, "tasks": args.tasks}
+
+    dense_key = dict(base, row="dense", **eval_settings)
+    dense = cache.get("dense", dense_key)
+    if dense is None:
+        log.info("evaluating the dense model")
+        dense = cache.put("dense", dense_key, evaluate(model, tokenizer, eval_ids, args))
+    oracle_key = dict(base, row="oracle", windows=oracle_windows.spec)
+    oracle = cache.get("oracle", oracle_key)
+    if oracle is None:
+        log.info("oracle: loss increase of removing each layer on %d test windows", oracle_windows.nsamples)
+        oracle = oracle_loss_increase(model, oracle_windows, micro_batch=args.micro_batch, progress=not args.quiet)
+        oracle = cache.put("oracle", oracle_key, {**oracle, "increase": {str(k): v for k, v in
+                                                                           oracle["increase"].items()}})
+    oracle_inc = {int(k): v for k, v in oracle["increase"].items()}
+
+    settings = dict(base, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, metric=args.metric,
+                    replaceme_ridge=args.replaceme_ridge or REPLACEME_RIDGE, oracle_windows=oracle_windows.spec,
+                    **eval_settings)
+    expected = 2 * len(args.methods) + ("gromov" in args.methods)
+    rows = []
+    for method in args.methods:
+        sel_key = dict(base, method=method, metric=args.metric if method == "gradmap" else None)
+        comps = ["none", "every-gap"] + (["replaceme"] if method == "gromov" else [])
+        row_keys = {c: dict(sel_key, compensation=c, **eval_settings,
+                            ridge=(args.replaceme_ridge or REPLACEME_RIDGE) if c == "replaceme" else None)
+                    for c in comps}
+        cached_rows = {c: cache.get("row", k) for c, k in row_keys.items()}
+        if all(r is not None for r in cached_rows.values()):
+            rows += [cached_rows[c] for c in comps]
+            continue
+        sel = cache.get("selection", sel_key)
+        if sel is None:
+            log.info("selection: %s", method)
+            sel = run_selection(model, calibration, target, method, args)
+            pruned = sel.pop("model")
+            cache.put("selection", sel_key, sel)
+        else:
+            pruned = rebuild(model, sel)
+        fidelity = spearman({int(k): v for k, v in sel["first_step_layer_scores"].items()}, oracle_inc)
+        for comp in comps:
+            if cached_rows[comp] is not None:
+                rows.append(cached_rows[comp])
+                continue
+            work = pruned if comp == "none" else copy.deepcopy(pruned)
+            stage2 = 0.0
+            notes = []
+            if comp != "none":
+                t0 = time.perf_counter()
+                result = run_compensation(model, work, sel["kept"], calibration, mode=comp,
+                                          ridge=args.replaceme_ridge if comp == "replaceme" else None,
+                                          micro_batch=args.micro_batch, progress=not args.quiet)
+                stage2 = time.perf_counter() - t0
+                notes = result.notes + [f"layer {f.layer}: ridge {f.ridge}, applied {f.applied}" for f in result.fits]
+            log.info("evaluating %s / %s", method, comp)
+            ev = evaluate(work, tokenizer, eval_ids, args)
+            row = {"method": method, "compensation": comp, "removed": sel["removed"], "kept": sel["kept"],
+                   "prune_seconds": sel["seconds"], "stage2_seconds": stage2, "passes": sel["passes"],
+                   "peak_bytes": sel["peak_bytes"], "removed_params": sel["removed_params"],
+                   "zeroed_params": sel["zeroed_params"], "spearman": fidelity, "stage2_notes": notes, **ev}
+            rows.append(cache.put("row", row_keys[comp], row))
+            log.info("%s / %s: PPL %.3f, zero-shot %s", method, comp, row["ppl"]["ppl"],
+                     row.get("zeroshot", {}).get("average"))
+            del work
+            write_outputs(out, rows, dense, oracle, settings, time.perf_counter() - start, expected)
+
+    write_outputs(out, rows, dense, oracle, settings, time.perf_counter() - start, expected)
+    print((out / "compare.md").read_text())
+    return 0
+
+
+def write_outputs(out: Path, rows: list[dict], dense: dict, oracle: dict, settings: dict, wall: float,
+                  expected: int) -> None:
+    """Write compare.csv / .json / .md / .png for the rows so far (marked PARTIAL while rows are missing)."""
+    flat = table_rows(rows, dense)
+    summary = summarize(rows)
+    if len(rows) < expected:
+        summary.insert(0, f"PARTIAL: {len(rows)} of {expected} rows computed so far (the run is incomplete).")
+    keys = list(dict.fromkeys(k for r in flat for k in r))
+    with open(out / "compare.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(flat)
+    versions = {}
+    for name in ("lm_eval", "scipy", "matplotlib", "datasets"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    (out / "compare.json").write_text(json.dumps(
+        {"settings": settings, "rows": rows, "dense": dense, "oracle": oracle, "summary": summary,
+         "complete": len(rows) >= expected, "wall_seconds_this_run": wall,
+         "environment": dict(environment(), extra_packages=versions)}, indent=1, default=str))
+    write_markdown(out / "compare.md", flat, summary, settings, wall)
+    plot(out / "compare.png", rows, dense)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""ReplaceMe's linear compensation (Shopkhoev et al., arXiv 2505.02819, Sec. 3, Eq. 4), closed form, no training.
+
+For a removed block that follows kept layer ``p``: with :math:`M` the MLP (``down_proj``) output of layer ``p``,
+:math:`X` its output hidden state and :math:`Y` the dense hidden state after the removed block, over all calibration
+tokens,
+
+.. math:: T = (M^\\top M + \\alpha I)^{-1} M^\\top (Y - X + M),
+
+accumulated in fp64 and folded as :math:`W_{down} \\leftarrow T^\\top W_{down}` (``nn.Linear`` convention
+:math:`y = x W^\\top`), so layer ``p``'s output becomes :math:`X - M + M T \\approx Y`. ReplaceMe pairs this with the
+angular-distance block (:mod:`gradmap.methods.gromov`), i.e. one cut. Here it applies to every removed block (every
+gap, shallow to deep, each fit seeing the earlier folds), which is exactly ReplaceMe for one contiguous block.
+
+Unlike GradMAP's stage 2 (:func:`gradmap.compensation.compensate`), nothing is held out: all calibration windows feed
+the fit, the ridge is fixed (:data:`REPLACEME_RIDGE`, relative to the mean diagonal of :math:`M^\\top M`, as in
+:func:`gradmap.projection.solve_ridge`) and the fold is always applied. The statistics, solve and fold reuse
+:func:`gradmap.compensation.fit_projection`, :func:`gradmap.projection.solve_ridge` and
+:func:`gradmap.projection.fold_projection_`.
+"""
+
+from __future__ import annotations
+
+import time
+
+from torch import nn
+
+from ..adapters import get_adapter
+from ..compensation import CompensationResult, LayerFit, aligned_dense_layer, fit_projection, gap_positions
+from ..data import Calibration
+from ..projection import fold_projection_, solve_ridge
+
+#: Relative ridge λ (α = λ · mean diag(MᵀM)): keeps the solve well posed when there are fewer calibration tokens
+#: than hidden dimensions (MᵀM is then singular; ReplaceMe's own runs use far more tokens than dimensions).
+REPLACEME_RIDGE = 1e-3
+
+
+def replaceme_compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration: Calibration, *,
+                         ridge: float | None = None, micro_batch: int = 8) -> CompensationResult:
+    """Fold ReplaceMe's closed-form T into the ``down_proj`` of the kept layer before every removed block, IN PLACE.
+
+    Args:
+        dense: the unpruned model (read only).
+        pruned: the pruned model (its down projections change).
+        kept: original index of each layer of ``pruned``.
+        ridge: relative ridge λ ≥ 0 (default :data:`REPLACEME_RIDGE`).
+
+    Returns:
+        :class:`gradmap.compensation.CompensationResult` with ``mode="replaceme"``, one fit per removed block
+        (held-out losses are ``None``: nothing is held out).
+
+    Raises:
+        ValueError: negative ridge. ``torch.linalg.LinAlgError``: singular system with ``ridge=0``.
+    """
+    ridge = REPLACEME_RIDGE if ridge is None else float(ridge)
+    if ridge < 0:
+        raise ValueError(f"ridge: must be >= 0, got {ridge}")
+    start = time.perf_counter()
+    result = CompensationResult(mode="replaceme")
+    adapter = get_adapter(pruned)
+    n_dense = len(get_adapter(dense).layers(dense))
+    if kept[0] != 0:
+        result.notes.append(f"layers 0..{kept[0] - 1} removed at the start: no kept layer before them to fold into")
+    for position in gap_positions(kept, n_dense):
+        t0 = time.perf_counter()
+        G, C, tokens = fit_projection(dense, pruned, kept, position, calibration, micro_batch=micro_batch)
+        T = solve_ridge(G, C, ridge)
+        down = adapter.down_proj(adapter.layers(pruned)[position])
+        fold_projection_(down.weight, T, down.bias)
+        result.fits.append(LayerFit(layer=kept[position], position=position,
+                                    aligned_dense_layer=aligned_dense_layer(kept, position, n_dense), ridge=ridge,
+                                    heldout_loss_before=None, heldout_loss_after=None, candidates={}, applied=True,
+                                    tokens=tokens, seconds=time.perf_counter() - t0,
+                                    note="ReplaceMe: fixed ridge, all calibration windows, no held-out check"))
+    result.seconds = time.perf_counter() - start
+    return result

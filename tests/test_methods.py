@@ -1,0 +1,278 @@
+"""Baseline selection methods, ReplaceMe compensation and the fidelity statistics on tiny models, against
+hand-computed cases: identity layers (o_proj and down_proj zeroed, so the layer's output equals its input)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from conftest import COMMON, random_calibration, tiny_model
+from gradmap import prune
+from gradmap.checkpoint import save_checkpoint
+from gradmap.cli import build_parser
+from gradmap.data import Calibration
+from gradmap.methods import METHODS, select_layers
+from gradmap.methods.blockpruner import RemovedSubBlock, select_blockpruner
+from gradmap.methods.common import calibration_loss, layers_left_out
+from gradmap.methods.fidelity import oracle_loss_increase, spearman, spearman_fallback
+from gradmap.methods.gromov import angular_distances, select_gromov
+from gradmap.methods.ppl import leave_one_out_losses, select_ppl, select_sleb
+from gradmap.methods.replaceme import replaceme_compensate
+from gradmap.methods.shortgpt import block_influence
+from gradmap.methods.taylor_plus import select_taylor_plus
+from gradmap.removal import remove_layers
+from gradmap.scoring import lm_loss_sum
+
+
+def make_identity(model, *layers):
+    """Zero o_proj and down_proj of ``layers``: each then adds exactly 0 to the residual stream."""
+    with torch.no_grad():
+        for i in layers:
+            model.model.layers[i].self_attn.o_proj.weight.zero_()
+            model.model.layers[i].mlp.down_proj.weight.zero_()
+    return model
+
+
+def constructed(family="llama", identity=3):
+    """A tiny model with one identity layer and a calibration set on which every other layer matters: the LM head is
+    scaled up (peaked predictions) and the windows are the model's own greedy continuations, so leaving out any real
+    layer raises the NLL (checked in the tests) while leaving out the identity layer changes nothing."""
+    model = make_identity(tiny_model(family), identity)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    prefix = torch.randint(3, 96, (4, 2), generator=torch.Generator().manual_seed(1))
+    out = model.generate(prefix, attention_mask=torch.ones_like(prefix), max_new_tokens=14, do_sample=False,
+                         pad_token_id=0)
+    return model, Calibration(out, torch.ones_like(out), {"source": "greedy", "nsamples": 4, "seqlen": 16})
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_block_influence_of_identity_layer_is_zero():
+    model = make_identity(tiny_model("llama"), 2)
+    scores, _ = block_influence(model, random_calibration(4, 16, pad_last=5))
+    assert abs(float(scores[2])) < 1e-6
+    assert all(float(scores[i]) > 1e-3 for i in range(6) if i != 2)
+    sel = select_layers(model, random_calibration(4, 16), 1, method="shortgpt")
+    assert sel.removed == [2] and sel.passes == 1 and len(model.model.layers) == 5
+
+
+def test_angular_distance_in_unit_interval_and_zero_for_identity_block():
+    model = make_identity(tiny_model("llama"), 2, 3)
+    cal = random_calibration(4, 16, pad_last=5)
+    dist, _ = angular_distances(model, cal, [1, 2, 6])
+    for d in dist.values():
+        assert bool(((d >= 0) & (d <= 1)).all())
+    assert float(dist[2][2]) < 1e-6 and float(dist[1][2]) < 1e-6 and float(dist[1][3]) < 1e-6
+    assert dist[6].shape == (1,) and float(dist[6][0]) > 1e-3
+    # hand computation for the block (0, 1): last real token of each window, arccos(cos)/pi, mean over windows
+    states = {}
+    hooks = [model.model.layers[0].register_forward_hook(
+        lambda m, a, k, o: states.update(h0=(a[0] if a else k["hidden_states"]), h1=o), with_kwargs=True)]
+    with torch.no_grad():
+        model(input_ids=cal.input_ids, attention_mask=cal.attention_mask, use_cache=False)
+    hooks[0].remove()
+    last = cal.attention_mask.sum(1) - 1
+    rows = torch.arange(4)
+    cos = torch.nn.functional.cosine_similarity(states["h0"][rows, last].double(), states["h1"][rows, last].double(), -1)
+    torch.testing.assert_close(dist[1][0], (torch.arccos(cos) / math.pi).mean(), rtol=0, atol=1e-12)
+    sel = select_gromov(model, cal, 2)
+    assert sel.removed == [2, 3] and sel.extra["block_start"] == 2 and sorted(sel.layer_scores) == list(range(6))
+
+
+def test_gromov_skips_blocks_with_protected_layers():
+    model = make_identity(tiny_model("llama"), 2, 3)
+    sel = select_gromov(model, random_calibration(4, 16), 2, protected=[3])
+    assert 3 not in sel.removed and len(sel.removed) == 2 and sel.removed[1] == sel.removed[0] + 1
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_sleb_removes_the_layer_that_leaves_the_loss_unchanged(family):
+    model, cal = constructed(family, identity=3)
+    dense = calibration_loss(model, cal)
+    losses = leave_one_out_losses(model, cal)
+    assert losses[3] == pytest.approx(dense, abs=1e-6)
+    assert all(losses[i] > dense + 0.1 for i in range(6) if i != 3)  # the construction works
+    sel = select_sleb(model, cal, 2)
+    assert sel.removed[0] == 3 and sel.steps[0].scores[3] == pytest.approx(dense, abs=1e-6)
+    assert sel.passes == 6 + 5 and len(sel.steps[1].scores) == 5 and len(model.model.layers) == 4
+    assert [l.self_attn.layer_idx for l in model.model.layers] == [0, 1, 2, 3]
+
+
+def test_layers_left_out_restores_the_model():
+    model = tiny_model("qwen2")
+    ids = random_calibration(2, 12).input_ids
+    before = logits(model, ids)
+    with layers_left_out(model, [1, 4]):
+        assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4
+        assert not torch.equal(logits(model, ids), before)
+    assert model.config.num_hidden_layers == 6 and len(model.config.layer_types) == 6
+    assert [l.self_attn.layer_idx for l in model.model.layers] == list(range(6))
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_ppl_method_scores_are_exp_of_the_removed_model_loss():
+    model = tiny_model("llama")
+    cal = random_calibration(4, 16, pad_last=3)
+    work = copy.deepcopy(model)
+    sel = select_ppl(work, cal, 2)
+    assert sel.passes == 6 and len(work.model.layers) == 4
+    for layer in (0, 4):
+        ref = copy.deepcopy(model)
+        remove_layers(ref, [layer])
+        with torch.no_grad():
+            total, count = lm_loss_sum(ref, cal.input_ids, cal.attention_mask)
+        assert sel.steps[0].scores[layer] == pytest.approx(math.exp(float(total) / count), rel=1e-5)
+    lowest = sorted(sel.steps[0].scores, key=sel.steps[0].scores.get)[:2]
+    assert sel.removed == lowest
+
+
+def test_taylor_plus_never_removes_first_four_or_last_two():
+    model = make_identity(ten_layers(), 0, 1, 9, 5)
+    cal = random_calibration(4, 16)
+    plain = select_layers(copy.deepcopy(model), cal, 3, method="gradmap", metric="taylor")
+    assert {0, 1, 9} & set(plain.removed)  # plain Taylor would remove the identity layers at the ends
+    sel = select_taylor_plus(model, cal, 3)
+    assert sel.steps[0].scores[0] == 0.0 and sel.steps[0].scores[9] == 0.0
+    assert not set(sel.removed) & {0, 1, 2, 3, 8, 9} and 5 in sel.removed and sel.passes == 3
+    assert sel.extra["protected"] == [0, 1, 2, 3, 8, 9]
+
+
+def test_blockpruner_zeroed_sub_blocks_match_after_save_reload(tmp_path):
+    model, cal = constructed("llama", identity=3)
+    dense = copy.deepcopy(model)
+    n_params = sum(p.numel() for p in dense.parameters())
+    sel = select_blockpruner(model, cal, 2)
+    order = sel.extra["sub_block_order"]
+    assert set(order[:2]) == {"3.attn", "3.mlp"} and sel.removed[0] == 3  # identity layer first, then dropped
+    assert sel.extra["removed_params"] + sel.extra["zeroed_params"] >= sel.extra["target_params"]
+    assert sel.passes == sum(len(s.scores) for s in sel.steps) and len(sel.steps[0].scores) == 12
+    # the search-time representation (sub-blocks replaced by zeros) gives the same logits as the materialised model
+    search = copy.deepcopy(dense)
+    for label in order:
+        layer, kind = label.split(".")
+        setattr(search.model.layers[int(layer)], "self_attn" if kind == "attn" else "mlp", RemovedSubBlock(kind))
+    ids = random_calibration(2, 12, seed=3).input_ids
+    want = logits(search, ids)
+    torch.testing.assert_close(logits(model, ids), want, rtol=0, atol=1e-5)
+    out = save_checkpoint(model, None, tmp_path / "bp")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(reloaded, ids), want, rtol=0, atol=1e-5)
+    assert sum(p.numel() for p in reloaded.parameters()) == n_params - sel.extra["removed_params"]
+    for label in sel.extra["zeroed_sub_blocks"]:
+        layer, kind = label.split(".")
+        pos = [i for i in range(6) if i not in sel.removed].index(int(layer))
+        proj = reloaded.model.layers[pos].self_attn.o_proj if kind == "attn" else reloaded.model.layers[pos].mlp.down_proj
+        assert not proj.weight.any()
+
+
+def test_replaceme_transform_equals_closed_form():
+    dense = tiny_model("llama")
+    cal = random_calibration(8, 16)
+    pruned = copy.deepcopy(dense)
+    remove_layers(pruned, [3, 4])
+    kept = [0, 1, 2, 5]
+    w_before = pruned.model.layers[2].mlp.down_proj.weight.detach().clone()
+    # hand computation: M = down_proj output of layer 2, X = layer 2 output, Y = dense input of layer 5
+    got = {}
+    h = [pruned.model.layers[2].mlp.down_proj.register_forward_hook(lambda m, a, o: got.__setitem__("M", o)),
+         pruned.model.layers[2].register_forward_hook(lambda m, a, o: got.__setitem__("X", o)),
+         dense.model.layers[5].register_forward_pre_hook(lambda m, a, k: got.__setitem__("Y", a[0] if a else k["hidden_states"]),
+                                                         with_kwargs=True)]
+    with torch.no_grad():
+        pruned(input_ids=cal.input_ids, use_cache=False)
+        dense(input_ids=cal.input_ids, use_cache=False)
+    for x in h:
+        x.remove()
+    M, X, Y = (got[k].flatten(0, 1).double() for k in "MXY")
+    G = M.T @ M
+    alpha = 0.01 * float(torch.diagonal(G).mean())
+    T = torch.linalg.solve(G + alpha * torch.eye(32, dtype=torch.float64), M.T @ (Y - X + M))
+    result = replaceme_compensate(dense, pruned, kept, cal, ridge=0.01)
+    assert [f.layer for f in result.fits] == [2] and result.fits[0].tokens == 128
+    want = (T.T @ w_before.double()).float()
+    torch.testing.assert_close(pruned.model.layers[2].mlp.down_proj.weight, want, rtol=1e-5, atol=1e-6)
+
+
+def test_spearman_with_ties_matches_hand_ranks():
+    x = [1.0, 2.0, 2.0, 5.0]
+    y = [10.0, 30.0, 20.0, 40.0]
+    # ranks x: 1, 2.5, 2.5, 4; y: 1, 3, 2, 4 -> centred dot 4.5 / sqrt(4.5 * 5)
+    assert spearman_fallback(x, y) == pytest.approx(4.5 / math.sqrt(4.5 * 5.0), abs=1e-12)
+    assert spearman(dict(enumerate(x)), dict(enumerate(y))) == pytest.approx(4.5 / math.sqrt(22.5), abs=1e-12)
+    assert spearman({0: 1, 1: 2, 2: 3}, {0: 3, 1: 2, 2: 1}) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="scores"):
+        spearman({0: 1, 1: 2}, {0: 1, 1: 2})
+
+
+def test_oracle_increase_is_zero_for_identity_layer():
+    model = make_identity(tiny_model("llama"), 4)
+    result = oracle_loss_increase(model, random_calibration(4, 16))
+    assert result["passes"] == 7 and result["increase"][4] == pytest.approx(0.0, abs=1e-6)
+    assert sorted(result["increase"]) == list(range(6))
+
+
+def ten_layers():
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**dict(COMMON, num_hidden_layers=10))).eval()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_prune_every_method_with_stage2(method, tmp_path):
+    model = ten_layers()
+    cal = random_calibration(8, 16)
+    result = prune(model, cal, num_layers=1, method=method, compensate_mode="every-gap", ridge=0.1)
+    report = result.report()
+    assert report["method"] == method and report["settings"]["method"] == method
+    assert report["selection"]["forward_equivalent_passes"] == result.selection.passes > 0
+    assert len(model.model.layers) == 10  # caller untouched
+    if method != "blockpruner":
+        assert len(result.removed) == 1 and result.model.config.num_hidden_layers == 9
+    result.save(tmp_path / method)
+
+
+def test_taylor_plus_too_few_layers_named_error():
+    with pytest.raises(ValueError, match="taylor-plus keeps the first 4 and last 2 of the 6 layers"):
+        prune(tiny_model("llama"), random_calibration(4, 16), num_layers=1, method="taylor-plus")
+
+
+def test_prune_replaceme_compensation_and_bad_method():
+    model = tiny_model("llama")
+    cal = random_calibration(8, 16)
+    result = prune(model, cal, num_layers=2, method="gromov", compensate_mode="replaceme")
+    assert result.compensation.mode == "replaceme" and result.report()["compensation"]["mode"] == "replaceme"
+    assert [f.layer for f in result.compensation.fits] == [result.removed[0] - 1] or result.removed[0] == 0
+    with pytest.raises(ValueError, match="method: 'magic' is not one of gradmap, shortgpt"):
+        prune(model, cal, num_layers=1, method="magic")
+    with pytest.raises(ValueError, match="compensate: 'x' is not one of none, max-shift, every-gap, replaceme"):
+        prune(model, cal, num_layers=1, compensate_mode="x")
+    args = build_parser().parse_args(["prune", "--ratio", "0.25", "--method", "sleb", "--compensate", "replaceme",
+                                      "--output", "x"])
+    assert args.method == "sleb" and args.compensate == "replaceme"
+
+
+def test_cli_prune_with_a_baseline(tmp_path, tiny_tokenizer, capsys):
+    from conftest import SAMPLE_TEXT
+    from gradmap.cli import main
+
+    path = tmp_path / "tiny"
+    model = make_identity(tiny_model("llama"), 2)
+    model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT, encoding="utf-8")
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(path), "--num-layers", "1", "--method", "shortgpt", "--compensate", "none",
+                 "--text", str(text), "--nsamples", "4", "--seqlen", "16", "--no-eval", "--output", str(out),
+                 "-q"]) == 0
+    assert "method shortgpt: removed layers (original indices): [2]" in capsys.readouterr().out
+    report = __import__("json").loads((out / "gradmap_report.json").read_text())
+    assert report["method"] == "shortgpt" and report["removed_layers"] == [2]
+    assert report["selection"]["forward_equivalent_passes"] == 1
+    with pytest.raises(SystemExit):  # argparse refuses an unknown --method (exit status 2)
+        main(["prune", "--model", str(path), "--num-layers", "1", "--method", "nope", "--output", str(tmp_path / "x")])
