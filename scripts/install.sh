@@ -23,4 +23,6 @@ if [[ "${1:-}" == "--test" ]]; then
   $PIP pytest pytest-benchmark
 fi
 # Builds the native ops (csrc/) with ninja; GRADMAP_BUILD_EXT=0 skips them (README, "Native ops").
-$PIP --no-build-isolation --no-deps -e .
+# --use-pep517: without a pyproject.toml pip 23 falls back to `setup.py develop`, which setuptools >= 80 turns into an
+# isolated `pip install -e .` (no torch in that env: the build fails).
+$PIP --no-build-isolation --no-deps --use-pep517 -e .
