@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import gradmap.compensation as comp_mod
+import gradmap.projection as proj_mod
 from conftest import random_calibration, tiny_model
 from gradmap import ops
 from gradmap.adapters import get_adapter
@@ -200,7 +201,10 @@ def test_opcheck_gram(xdtype, gdtype):
 
 
 def _stage2(family):
-    """Stage 2 on a tiny pruned model (layers 2, 3 of 6 removed), through whatever comp_mod's functions dispatch to.
+    """Stage 2 on a tiny pruned model (layers 2, 3 of 6 removed), through whatever the stage-2 functions dispatch to.
+
+    ``compensation`` imports ``gram_accumulate_`` at module level; the fold goes through the adapter, which looks up
+    ``gradmap.projection.fold_projection_`` at call time — the two names the reference run monkeypatches.
 
     Returns the Gram matrix of kept position 1, the down_proj weight of that layer after folding its ridge solution
     (λ = 1e-3, applied unconditionally), and every down_proj weight after the full :func:`compensate` (which may keep
@@ -214,7 +218,7 @@ def _stage2(family):
     G, C, tokens = comp_mod.fit_projection(dense, pruned, kept, 1, cal, micro_batch=4)
     assert tokens == 6 * 16
     down = get_adapter(pruned).down_proj(get_adapter(pruned).layers(pruned)[1])
-    comp_mod.fold_projection_(down.weight, comp_mod.solve_ridge(G, C, 1e-3), down.bias)
+    proj_mod.fold_projection_(down.weight, comp_mod.solve_ridge(G, C, 1e-3), down.bias)
     full = copy.deepcopy(dense)
     remove_layers(full, [2, 3])
     comp_mod.compensate(dense, full, kept, cal, mode="every-gap", ridge=1e-3, holdout=1)
@@ -227,7 +231,7 @@ def _stage2(family):
 def test_stage2_through_ops_equals_reference(family, monkeypatch):
     G, folded, full = _stage2(family)
     monkeypatch.setattr(comp_mod, "gram_accumulate_", gram_accumulate_reference)
-    monkeypatch.setattr(comp_mod, "fold_projection_", fold_projection_reference)
+    monkeypatch.setattr(proj_mod, "fold_projection_", fold_projection_reference)
     G_ref, folded_ref, full_ref = _stage2(family)
     # G: fp64 sums of the same fp32 products (order differs); weights fp32: T from (nearly) the same solve, folded
     # with fp64 accumulation by both paths, so the difference is fp32 rounding of the written weight.
