@@ -82,7 +82,8 @@ def peak_extra_bytes(op: str, shape: tuple[int, int], impl: str) -> int:
 
 
 def measure_memory(op: str, shape: tuple[int, int], impl: str, threads: int) -> int:
-    code = (f"import torch; torch.set_num_threads({threads}); import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import torch; torch.set_num_threads({threads}); import sys; sys.path.insert(0, {here!r}); "
             f"import bench_ops; print(bench_ops.peak_extra_bytes({op!r}, {tuple(shape)!r}, {impl!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])

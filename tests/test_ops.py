@@ -81,8 +81,8 @@ def test_gram_matches_reference(xdtype, ydtype, gdtype):
     ptrs = (Gg.data_ptr(), Cg.data_ptr())
     gram_op(Gg, Cg, X, Y)
     assert (Gg.data_ptr(), Cg.data_ptr()) == ptrs
-    # fp64: both accumulate exactly representable products in fp64 (orders differ); fp32 G: the op adds an fp64
-    # partial sum per 256 tokens, the reference accumulates in fp32.
+    # fp64: both accumulate exactly representable products in fp64 (orders differ); fp32 G: the op adds its fp64
+    # sum over the call into G once, the reference accumulates in fp32.
     rtol, atol = (1e-12, 1e-10) if gdtype == torch.float64 else (1e-5, 1e-3)
     torch.testing.assert_close(Gg, Gw, rtol=rtol, atol=atol)
     torch.testing.assert_close(Cg, Cw, rtol=rtol, atol=atol)
