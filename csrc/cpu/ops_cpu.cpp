@@ -28,12 +28,12 @@ namespace {
 //   A panel's GEMMs cost ∝ tokens, its read-modify-write of G and C (512 MiB of traffic at d = e = 4096, ~0.05 s)
 //   does not; at 1024 tokens (~1.3 s of GEMM per panel at d = e = 4096) that overhead is ~4 %.
 // * Gram: column blocks of 256 for the symmetric update (256 was 5 % faster than 512, 13 % faster than 1024).
-// * fold: column panels of up to 512 weight columns (two buffers of 512·out·8 bytes = 32 MiB at out = 4096); each
-//   panel GEMM packs all of T once, so narrower panels (256) lost a few per cent to packing, wider (1024) gained
-//   about 2 % (within the noise of a shared machine) for twice the memory.
+// * fold: column panels of up to 1024 weight columns (two buffers of 1024·out·8 bytes = 64 MiB at out = 4096); each
+//   panel GEMM packs all of T once, so narrower panels lose time to packing: at 4096×11008 (bench_ops.py, 1 thread)
+//   512 columns ran at 0.99× the reference's speed, 1024 at 1.01×.
 constexpr int64_t kTokenPanel = 1024;
 constexpr int64_t kGramBlock = 256;
-constexpr int64_t kFoldColumns = 512;
+constexpr int64_t kFoldColumns = 1024;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
