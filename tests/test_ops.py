@@ -125,7 +125,7 @@ def test_gram_several_panels_and_blocks(gdtype):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
 def test_fold_several_column_panels(wdtype, threads):
-    """1100 weight columns: three 512-column panels at one thread (the last partial), and 550-wide halves at two."""
+    """1100 weight columns, 37 rows: five 256-column panels (the last 76 wide), split over one or two threads."""
     g = torch.Generator().manual_seed(9)
     W = torch.randn(37, 1100, generator=g).to(wdtype)
     T = torch.randn(37, 37, generator=g, dtype=torch.float64) * 0.2 + torch.eye(37, dtype=torch.float64)

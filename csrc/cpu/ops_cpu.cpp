@@ -28,12 +28,13 @@ namespace {
 //   A panel's GEMMs cost ∝ tokens, its read-modify-write of G and C (512 MiB of traffic at d = e = 4096, ~0.05 s)
 //   does not; at 1024 tokens (~1.3 s of GEMM per panel at d = e = 4096) that overhead is ~4 %.
 // * Gram: column blocks of 256 for the symmetric update (256 was 5 % faster than 512, 13 % faster than 1024).
-// * fold: column panels of up to 1024 weight columns (two buffers of 1024·out·8 bytes = 64 MiB at out = 4096); each
-//   panel GEMM packs all of T once, so narrower panels lose time to packing: at 4096×11008 (bench_ops.py, 1 thread)
-//   512 columns ran at 0.99× the reference's speed, 1024 at 1.01×.
+// * fold: column panels of out/4 weight columns, clamped to [256, 1024] (two buffers of 1024·out·8 bytes = 64 MiB at
+//   out = 4096). Each panel GEMM packs all of T once, so at out = 4096 narrower panels lose time to packing
+//   (4096×11008, bench_ops.py, 1 thread: 512 columns 0.99× the reference's speed, 1024 columns 1.01×); at
+//   out = 576 (T in cache) 512-column panels already beat the reference, so small weights get small panels.
 constexpr int64_t kTokenPanel = 1024;
 constexpr int64_t kGramBlock = 256;
-constexpr int64_t kFoldColumns = 1024;
+constexpr int64_t kFoldColumnsMin = 256, kFoldColumnsMax = 1024;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -144,9 +145,10 @@ void fold_projection_cpu(at::Tensor weight, const at::Tensor& T) {
   check_fold_projection(weight, T);
   if (weight.numel() == 0) return;
   at::AutoDispatchBelowADInplaceOrView no_autograd;
-  // Panel width: at most kFoldColumns, and small enough that every thread gets a panel.
-  const int64_t in = weight.size(1);
-  const int64_t nb = std::max<int64_t>(1, std::min(kFoldColumns, ceil_div(in, std::max(1, at::get_num_threads()))));
+  // Panel width: out/4 within [kFoldColumnsMin, kFoldColumnsMax], and small enough that every thread gets a panel.
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const int64_t width = std::clamp(out / 4, kFoldColumnsMin, kFoldColumnsMax);
+  const int64_t nb = std::max<int64_t>(1, std::min(width, ceil_div(in, std::max(1, at::get_num_threads()))));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gradmap_fold", [&] {
     if (T.scalar_type() == at::kDouble)
       fold_panels<scalar_t, double>(weight, T, nb);
