@@ -41,8 +41,7 @@ def _extensions():
     csrc = os.path.join("csrc")
     ext = [cpp_extension.CppExtension(
         "gradmap._C",
-        sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "cpu", "ops_cpu.cpp"),
-                 os.path.join(csrc, "cpu", "tile.cpp")],
+        sources=[os.path.join(csrc, "ops.cpp"), os.path.join(csrc, "cpu", "ops_cpu.cpp")],
         extra_compile_args={"cxx": cxx})]
     cuda = _switch("GRADMAP_BUILD_CUDA", "auto", ("auto", "0", "1"))
     have_toolkit = bool(torch.version.cuda) and cpp_extension.CUDA_HOME is not None

@@ -4,8 +4,8 @@
 // TypeError with the message naming the argument and the accepted values.
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdlib>
 #include <sstream>

@@ -81,8 +81,8 @@ def test_gram_matches_reference(xdtype, ydtype, gdtype):
     ptrs = (Gg.data_ptr(), Cg.data_ptr())
     gram_op(Gg, Cg, X, Y)
     assert (Gg.data_ptr(), Cg.data_ptr()) == ptrs
-    # fp64: both accumulate exactly representable products in fp64 (orders differ); fp32 G: the op adds an fp64
-    # partial sum per 256 tokens, the reference accumulates in fp32.
+    # fp64: both accumulate exactly representable products in fp64 (orders differ); fp32 G: the op adds its fp64
+    # sum over the call into G once, the reference accumulates in fp32.
     rtol, atol = (1e-12, 1e-10) if gdtype == torch.float64 else (1e-5, 1e-3)
     torch.testing.assert_close(Gg, Gw, rtol=rtol, atol=atol)
     torch.testing.assert_close(Cg, Cw, rtol=rtol, atol=atol)
@@ -100,6 +100,45 @@ def test_gram_hand_computed_and_symmetric():
     G = torch.zeros(150, 150, dtype=torch.float64)
     gram_op(G, torch.zeros(150, 0, dtype=torch.float64), X, torch.zeros(40, 0))
     assert torch.equal(G, G.T)
+
+
+@pytest.mark.parametrize("gdtype", [torch.float64, torch.float32])
+def test_gram_several_panels_and_blocks(gdtype):
+    """1100 tokens (two token panels of the CPU kernel) × 300 features (two 256-wide blocks of its symmetric update,
+    the second partial) into a non-symmetric G: both triangles get XᵀX, the mirrored block included."""
+    g = torch.Generator().manual_seed(8)
+    X = torch.randn(1100, 300, generator=g).to(torch.bfloat16)
+    Y = torch.randn(1100, 70, generator=g)
+    G0 = torch.randn(300, 300, generator=g, dtype=torch.float64).to(gdtype)
+    C0 = torch.randn(300, 70, generator=g, dtype=torch.float64).to(gdtype)
+    G, C = G0.clone(), C0.clone()
+    gram_op(G, C, X, Y)
+    X64, Y64 = X.double(), Y.double()
+    G_want, C_want = G0.double() + X64.T @ X64, C0.double() + X64.T @ Y64
+    # fp64: sums of exactly representable products, orders differ; fp32 G/C: one fp32 rounding of the fp64 sum
+    rtol, atol = (1e-12, 1e-9) if gdtype == torch.float64 else (1.2e-7, 1e-4)
+    torch.testing.assert_close(G.double(), G_want, rtol=rtol, atol=atol)
+    torch.testing.assert_close(C.double(), C_want, rtol=rtol, atol=atol)
+    torch.testing.assert_close(G - G0, (G - G0).T, rtol=0, atol=atol)  # the increment is symmetric
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_fold_several_column_panels(wdtype, threads):
+    """1100 weight columns, 37 rows: five 256-column panels (the last 76 wide), split over one or two threads."""
+    g = torch.Generator().manual_seed(9)
+    W = torch.randn(37, 1100, generator=g).to(wdtype)
+    T = torch.randn(37, 37, generator=g, dtype=torch.float64) * 0.2 + torch.eye(37, dtype=torch.float64)
+    want = (T.T @ W.double()).to(wdtype)
+    got = W.clone()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fold_op(got, T)
+    finally:
+        torch.set_num_threads(before)
+    rtol, atol = FOLD_TOL[(wdtype, torch.float64)]
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
 
 
 def test_fold_transposed_and_strided_views_in_place():
@@ -201,7 +240,10 @@ def test_opcheck_gram(xdtype, gdtype):
 
 
 def _stage2(family):
-    """Stage 2 on a tiny pruned model (layers 2, 3 of 6 removed), through whatever comp_mod's functions dispatch to.
+    """Stage 2 on a tiny pruned model (layers 2, 3 of 6 removed), through whatever the stage-2 functions dispatch to.
+
+    ``compensation`` imports ``gram_accumulate_`` at module level; the fold goes through the adapter, which looks up
+    ``gradmap.projection.fold_projection_`` at call time — the two names the reference run monkeypatches.
 
     Returns the Gram matrix of kept position 1, the down_proj weight of that layer after folding its ridge solution
     (λ = 1e-3, applied unconditionally), and every down_proj weight after the full :func:`compensate` (which may keep

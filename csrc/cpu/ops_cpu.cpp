@@ -1,182 +1,160 @@
-// CPU kernels of gradmap::fold_projection_ and gradmap::gram_accumulate_ (blocked, at::parallel_for).
+// CPU kernels of gradmap::fold_projection_ and gradmap::gram_accumulate_ (panel-streamed, BLAS-backed).
 //
-// Both ops are products of the form Aᵀ·B over a long shared dimension K (tokens for the Gram statistics, the
-// hidden size for the fold). Operands are packed into zero-padded panels of kPanel columns in the accumulation type
-// (reading any strides and any of fp32/fp16/bf16/fp64), and tile_atb (tile.h) produces one kPanel×kPanel output
-// tile at a time; at::parallel_for spreads output tiles over threads. Formulas: GradMAP (arXiv 2602.14649) Sec. 3,
-// closed form as in ReplaceMe (arXiv 2505.02819) Eq. 4 — see gradmap/projection.py.
+// Both ops are products Aᵀ·B over a long shared dimension (tokens for the Gram statistics, the hidden size for the
+// fold). Instead of converting whole operands to the accumulation type (what the PyTorch references do: X.to(fp64),
+// weight.double(), which costs tokens·d·8 or out·in·8 bytes), the kernels stream fixed-size panels: a panel of rows
+// (Gram) or columns (fold) is converted into a small reused buffer of the accumulation type, multiplied with ATen's
+// BLAS-backed GEMM (at::mm_out / addmm_: MKL or OpenBLAS on CPU wheels), and the result is added into G/C or written
+// back into the weight's own storage in its dtype, whatever the strides. Extra memory is a few panels, independent
+// of the token count and of the weight's width.
+//
+// Formulas: GradMAP (arXiv 2602.14649) Sec. 3 (projection folded into down_proj), closed form as in ReplaceMe
+// (arXiv 2505.02819) Eq. 4 (Gram matrix G = MᵀM, cross term C = MᵀR) — see gradmap/projection.py.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <vector>
 
 #include "../checks.h"
-#include "tile.h"
 
 namespace gradmap {
 namespace cpu {
 namespace {
 
-constexpr int64_t P = kPanel;
-constexpr int64_t kTokenChunk = 256;  // rows of X/Y packed per pass of gram_accumulate_
-constexpr int64_t kFoldChunk = 128;   // rows of T/weight per tile_atb call in fold_projection_
+// Panel sizes, timed on the CPU test machine (MKL, 1 thread, d = 4096; torch.mm loops with these layouts):
+// * Gram: token panels of up to 1024 tokens (fp64 X and Y panels: 1024·(d + e)·8 bytes = 64 MiB at d = e = 4096).
+//   A panel's GEMMs cost ∝ tokens, its read-modify-write of G and C (512 MiB of traffic at d = e = 4096, ~0.05 s)
+//   does not; at 1024 tokens (~1.3 s of GEMM per panel at d = e = 4096) that overhead is ~4 %.
+// * Gram: column blocks of 256 for the symmetric update (256 was 5 % faster than 512, 13 % faster than 1024).
+// * fold: column panels of out/4 weight columns, clamped to [256, 1024] (two buffers of 1024·out·8 bytes = 64 MiB at
+//   out = 4096). Each panel GEMM packs all of T once, so at out = 4096 narrower panels lose time to packing
+//   (4096×11008, bench_ops.py, 1 thread: 512 columns 0.99× the reference's speed, 1024 columns 1.01×); at
+//   out = 576 (T in cache) 512-column panels already beat the reference, so small weights get small panels.
+constexpr int64_t kTokenPanel = 1024;
+constexpr int64_t kGramBlock = 256;
+constexpr int64_t kFoldColumnsMin = 256, kFoldColumnsMax = 1024;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Pack rows [k0, k0 + kb) of the strided matrix A ([K, cols]) into panels: out[blk][k][c] = A[k0 + k, blk·P + c]
-// (0 past cols). Panels blk in [blk0, blk1); out points at panel blk0.
-template <typename scalar_t, typename acc_t>
-void pack_rows(const at::Tensor& A, int64_t k0, int64_t kb, int64_t blk0, int64_t blk1, acc_t* out) {
-  const scalar_t* base = A.data_ptr<scalar_t>();
-  const int64_t s0 = A.stride(0), s1 = A.stride(1), cols = A.size(1);
-  for (int64_t blk = blk0; blk < blk1; ++blk) {
-    acc_t* panel = out + (blk - blk0) * kb * P;
-    const int64_t c0 = blk * P, cn = std::min(P, cols - c0);
-    for (int64_t k = 0; k < kb; ++k) {
-      const scalar_t* row = base + (k0 + k) * s0 + c0 * s1;
-      acc_t* dst = panel + k * P;
-      for (int64_t c = 0; c < cn; ++c) dst[c] = static_cast<acc_t>(static_cast<float>(row[c * s1]));
-      for (int64_t c = cn; c < P; ++c) dst[c] = acc_t(0);
-    }
-  }
-}
-
-// double sources keep full precision (the float hop above is only for the 16-bit types).
-template <>
-void pack_rows<double, double>(const at::Tensor& A, int64_t k0, int64_t kb, int64_t blk0, int64_t blk1,
-                               double* out) {
-  const double* base = A.data_ptr<double>();
-  const int64_t s0 = A.stride(0), s1 = A.stride(1), cols = A.size(1);
-  for (int64_t blk = blk0; blk < blk1; ++blk) {
-    double* panel = out + (blk - blk0) * kb * P;
-    const int64_t c0 = blk * P, cn = std::min(P, cols - c0);
-    for (int64_t k = 0; k < kb; ++k) {
-      const double* row = base + (k0 + k) * s0 + c0 * s1;
-      double* dst = panel + k * P;
-      for (int64_t c = 0; c < cn; ++c) dst[c] = row[c * s1];
-      for (int64_t c = cn; c < P; ++c) dst[c] = 0.0;
-    }
-  }
-}
-
-// Dispatch pack_rows on A's dtype; panels [blk0, blk1) packed in parallel.
-template <typename acc_t>
-void pack_parallel(const at::Tensor& A, int64_t k0, int64_t kb, acc_t* out) {
-  const int64_t nblk = ceil_div(A.size(1), P);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "gradmap_pack", [&] {
-    at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
-      pack_rows<scalar_t, acc_t>(A, k0, kb, b0, b1, out + b0 * kb * P);
-    });
-  });
+// Whether BLAS can write into `t` directly (row- or column-major with a leading dimension), so no copy is needed.
+inline bool blas_writable(const at::Tensor& t) {
+  return (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1))) ||
+         (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(0)));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// gram_accumulate_: G += XᵀX, C += XᵀY, accumulated in fp64 (added into G/C in their dtype once per token chunk).
-// G is symmetric: only tiles (bi ≤ bj) are computed and each off-diagonal tile is also added transposed.
+// gram_accumulate_: G += XᵀX, C += XᵀY with fp64 accumulation.
+//
+// Token panels of X and Y are converted to fp64 and multiplied with fp64 GEMMs (BLAS threads them). G is symmetric
+// in its increment: per column block [i0, i0 + b) only the block row S = X[:, i0:i0+b]ᵀ·X[:, i0:] (diagonal block
+// and everything right of it) is computed, added to G[i0:i0+b, i0:] and, transposed, to G[i0+b:, i0:i0+b] — about
+// half the multiply-adds of a full XᵀX. G need not be symmetric on entry (each half gets its own increment).
+// fp64 G/C that BLAS can write are updated in place; fp32 or oddly strided G/C get an fp64 accumulator for the call,
+// added into them once at the end (one rounding per call).
 
-template <typename out_t>
-void add_tile(const at::Tensor& out, const double* tile, int64_t r0, int64_t c0, bool transposed) {
-  out_t* base = out.data_ptr<out_t>();
-  const int64_t s0 = out.stride(0), s1 = out.stride(1);
-  const int64_t rows = out.size(0), cols = out.size(1);
-  // tile[i][j] belongs at out[r0 + i, c0 + j], or at out[c0 + j, r0 + i] when transposed.
-  const int64_t ni = std::min(P, (transposed ? cols : rows) - r0);
-  const int64_t nj = std::min(P, (transposed ? rows : cols) - c0);
-  for (int64_t i = 0; i < ni; ++i)
-    for (int64_t j = 0; j < nj; ++j) {
-      out_t* dst = transposed ? base + (c0 + j) * s0 + (r0 + i) * s1 : base + (r0 + i) * s0 + (c0 + j) * s1;
-      *dst = static_cast<out_t>(static_cast<double>(*dst) + tile[i * P + j]);
-    }
+// acc[i0:i0+b, i0:] += S and acc[i0+b:, i0:i0+b] += S[:, b:]ᵀ for every column block; xp [kb, d] fp64 contiguous.
+void add_gram_increment(at::Tensor& acc, const at::Tensor& xp, at::Tensor& block_row) {
+  const int64_t d = xp.size(1);
+  for (int64_t i0 = 0; i0 < d; i0 += kGramBlock) {
+    const int64_t b = std::min(kGramBlock, d - i0), rest = d - i0;
+    at::Tensor s = block_row.narrow(0, 0, b).narrow(1, 0, rest);
+    at::mm_out(s, xp.narrow(1, i0, b).t(), xp.narrow(1, i0, rest));
+    acc.narrow(0, i0, b).narrow(1, i0, rest).add_(s);
+    if (rest > b) acc.narrow(0, i0 + b, rest - b).narrow(1, i0, b).add_(s.narrow(1, b, rest - b).t());
+  }
 }
 
 void gram_accumulate_cpu(at::Tensor G, at::Tensor C, const at::Tensor& X, const at::Tensor& Y) {
   check_gram_accumulate(G, C, X, Y);
   const int64_t n = X.size(0), d = X.size(1), e = Y.size(1);
   if (n == 0 || d == 0) return;
-  const int64_t nbd = ceil_div(d, P), nbe = ceil_div(e, P);
-  std::vector<double> xp(nbd * kTokenChunk * P), yp(nbe * kTokenChunk * P);
-  // Task list: upper-triangular G tiles, then every C tile.
-  std::vector<std::pair<int64_t, int64_t>> tasks;
-  for (int64_t bi = 0; bi < nbd; ++bi)
-    for (int64_t bj = bi; bj < nbd; ++bj) tasks.emplace_back(bi, bj);
-  const int64_t n_gram_tasks = static_cast<int64_t>(tasks.size());
-  for (int64_t bi = 0; bi < nbd; ++bi)
-    for (int64_t bj = 0; bj < nbe; ++bj) tasks.emplace_back(bi, bj);
-  const int64_t ntasks = static_cast<int64_t>(tasks.size());
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // the updates below are the op's own, not traced steps
+  const auto f64 = X.options().dtype(at::kDouble);
+  const bool g_direct = G.scalar_type() == at::kDouble && blas_writable(G);
+  const bool c_direct = C.scalar_type() == at::kDouble && blas_writable(C);
+  at::Tensor g_acc = g_direct ? G : at::zeros({d, d}, f64);
+  at::Tensor c_acc = (c_direct || e == 0) ? C : at::zeros({d, e}, f64);
 
-  for (int64_t k0 = 0; k0 < n; k0 += kTokenChunk) {
-    const int64_t kb = std::min(kTokenChunk, n - k0);
-    pack_parallel<double>(X, k0, kb, xp.data());
-    if (e > 0) pack_parallel<double>(Y, k0, kb, yp.data());
-    at::parallel_for(0, ntasks, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<double> tile(P * P);
-      for (int64_t t = t0; t < t1; ++t) {
-        const auto [bi, bj] = tasks[t];
-        const bool is_gram = t < n_gram_tasks;
-        std::fill(tile.begin(), tile.end(), 0.0);
-        const double* b = (is_gram ? xp.data() : yp.data()) + bj * kb * P;
-        tile_atb(xp.data() + bi * kb * P, b, kb, tile.data());
-        const at::Tensor& out = is_gram ? G : C;
-        AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "gradmap_gram_add", [&] {
-          add_tile<scalar_t>(out, tile.data(), bi * P, bj * P, false);
-          if (is_gram && bi != bj) add_tile<scalar_t>(out, tile.data(), bi * P, bj * P, true);
-        });
-      }
-    });
+  const int64_t kb_max = std::min(n, kTokenPanel);
+  at::Tensor x_panel = at::empty({kb_max, d}, f64), y_panel = at::empty({kb_max, e}, f64);
+  at::Tensor block_row = at::empty({std::min(kGramBlock, d), d}, f64);
+  for (int64_t k0 = 0; k0 < n; k0 += kb_max) {
+    const int64_t kb = std::min(kb_max, n - k0);
+    at::Tensor xp = x_panel.narrow(0, 0, kb);
+    xp.copy_(X.narrow(0, k0, kb));
+    add_gram_increment(g_acc, xp, block_row);
+    if (e > 0) {
+      at::Tensor yp = y_panel.narrow(0, 0, kb);
+      yp.copy_(Y.narrow(0, k0, kb));
+      c_acc.addmm_(xp.t(), yp);
+    }
   }
+  if (!g_direct) G.add_(g_acc);
+  if (!c_direct && e > 0) C.add_(c_acc);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// fold_projection_: weight ← Tᵀ·weight in place. Accumulates in T's dtype (fp32 or fp64). Column blocks of the
-// weight are independent: each task packs its block (all K = out rows) before overwriting it, so the update is in
-// place on the caller's storage, whatever its strides.
+// fold_projection_: weight ← Tᵀ·weight in place, accumulated in T's dtype (fp32 or fp64).
+//
+// Column panels of the weight are independent. A panel of nb columns is converted, transposed (copy_blocked), into a
+// buffer P = weight[:, c0:c0+nb]ᵀ ([nb, out], T's dtype); the GEMM R = P·T ([nb, out]) is
+// (Tᵀ·weight[:, c0:c0+nb])ᵀ, and Rᵀ is written back over the same columns in the weight's dtype (round to
+// nearest even, as Tensor.to). Panels in this transposed layout ran at the full-matrix GEMM rate with MKL, the
+// untransposed Tᵀ·panel 15-35 % slower.
+// at::parallel_for spreads the panels over threads, each with its own two buffers and a one-thread GEMM.
 
-template <typename scalar_t, typename acc_t>
-void fold_columns(const at::Tensor& weight, const std::vector<acc_t>& tp, int64_t cb0, int64_t cb1) {
-  const int64_t out = weight.size(0), in = weight.size(1), nbm = ceil_div(out, P);
-  scalar_t* base = weight.data_ptr<scalar_t>();
-  const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
-  std::vector<acc_t> wp(out * P), tile(P * P);
-  for (int64_t cb = cb0; cb < cb1; ++cb) {
-    pack_rows<scalar_t, acc_t>(weight, 0, out, cb, cb + 1, wp.data());
-    const int64_t c0 = cb * P, cn = std::min(P, in - c0);
-    for (int64_t bm = 0; bm < nbm; ++bm) {
-      std::fill(tile.begin(), tile.end(), acc_t(0));
-      // K blocked so that both panel slices stay in cache while the tile accumulates.
-      for (int64_t k0 = 0; k0 < out; k0 += kFoldChunk)
-        tile_atb(tp.data() + (bm * out + k0) * P, wp.data() + k0 * P, std::min(kFoldChunk, out - k0), tile.data());
-      const int64_t r0 = bm * P, rn = std::min(P, out - r0);
-      for (int64_t i = 0; i < rn; ++i)
-        for (int64_t j = 0; j < cn; ++j)
-          base[(r0 + i) * s0 + (c0 + j) * s1] = static_cast<scalar_t>(tile[i * P + j]);
+// dst[i·d0 + j·d1] = src[i·s0 + j·s1] for i < rows, j < cols, converted with c10::convert (the rounding Tensor.to
+// uses), in 32×32 blocks so that a transposing copy reads and writes whole cache lines. ATen's strided copy_ of the
+// transposed panels cost ~6 % of the fold at 4096×11008 (1 thread).
+template <typename dst_t, typename src_t>
+void copy_blocked(const src_t* src, int64_t s0, int64_t s1, dst_t* dst, int64_t d0, int64_t d1, int64_t rows,
+                  int64_t cols) {
+  constexpr int64_t kB = 32;
+  for (int64_t i0 = 0; i0 < rows; i0 += kB)
+    for (int64_t j0 = 0; j0 < cols; j0 += kB) {
+      const int64_t i1 = std::min(rows, i0 + kB), j1 = std::min(cols, j0 + kB);
+      for (int64_t i = i0; i < i1; ++i)
+        for (int64_t j = j0; j < j1; ++j) dst[i * d0 + j * d1] = c10::convert<dst_t>(src[i * s0 + j * s1]);
     }
-  }
 }
 
-template <typename acc_t>
-void fold_projection_typed(const at::Tensor& weight, const at::Tensor& T) {
-  const int64_t out = weight.size(0), in = weight.size(1);
-  const int64_t nbm = ceil_div(out, P), nbn = ceil_div(in, P);
-  // T packed once: panel bm holds columns [bm·P, bm·P + P) of T, i.e. rows of Tᵀ, over all K = out rows.
-  std::vector<acc_t> tp(nbm * out * P);
-  pack_parallel<acc_t>(T, 0, out, tp.data());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gradmap_fold", [&] {
-    at::parallel_for(0, nbn, 1, [&](int64_t cb0, int64_t cb1) {
-      fold_columns<scalar_t, acc_t>(weight, tp, cb0, cb1);
-    });
+template <typename scalar_t, typename acc_t>
+void fold_panels(const at::Tensor& weight, const at::Tensor& T, int64_t nb) {
+  const int64_t out = weight.size(0), in = weight.size(1), ws0 = weight.stride(0), ws1 = weight.stride(1);
+  scalar_t* w = weight.data_ptr<scalar_t>();
+  const auto acc = weight.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::parallel_for(0, ceil_div(in, nb), 1, [&](int64_t p0, int64_t p1) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd_in_worker;  // thread-local: set again on each worker
+    at::Tensor p_buf = at::empty({nb, out}, acc), r_buf = at::empty({nb, out}, acc);
+    acc_t* panel = p_buf.data_ptr<acc_t>();
+    const acc_t* result = r_buf.data_ptr<acc_t>();
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c0 = p * nb, cb = std::min(nb, in - c0);
+      // panel[j][i] = weight[i][c0 + j]; result = panel·T; weight[i][c0 + j] = result[j][i]
+      copy_blocked(w + c0 * ws1, ws0, ws1, panel, int64_t(1), out, out, cb);
+      at::Tensor r = r_buf.narrow(0, 0, cb);
+      at::mm_out(r, p_buf.narrow(0, 0, cb), T);
+      copy_blocked(result, int64_t(1), out, w + c0 * ws1, ws0, ws1, out, cb);
+    }
   });
 }
 
 void fold_projection_cpu(at::Tensor weight, const at::Tensor& T) {
   check_fold_projection(weight, T);
   if (weight.numel() == 0) return;
-  if (T.scalar_type() == at::kDouble)
-    fold_projection_typed<double>(weight, T);
-  else
-    fold_projection_typed<float>(weight, T);
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
+  // Panel width: out/4 within [kFoldColumnsMin, kFoldColumnsMax], and small enough that every thread gets a panel.
+  const int64_t out = weight.size(0), in = weight.size(1);
+  const int64_t width = std::clamp(out / 4, kFoldColumnsMin, kFoldColumnsMax);
+  const int64_t nb = std::max<int64_t>(1, std::min(width, ceil_div(in, std::max(1, at::get_num_threads()))));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, weight.scalar_type(), "gradmap_fold", [&] {
+    if (T.scalar_type() == at::kDouble)
+      fold_panels<scalar_t, double>(weight, T, nb);
+    else
+      fold_panels<scalar_t, float>(weight, T, nb);
+  });
 }
 
 }  // namespace

@@ -7,11 +7,13 @@
 // tiles, and partial tiles are added with atomicAdd (fp32 or fp64; needs sm_60+).
 // Formulas: GradMAP (arXiv 2602.14649) Sec. 3; closed form as in ReplaceMe (arXiv 2505.02819) Eq. 4.
 //
-// Only ATen/ATen.h, ATen/Dispatch.h, torch/library.h, c10/core headers and cuda_runtime.h are included, so this file
-// also compiles (nvcc -c) against the headers of a CPU-only torch wheel; the current stream comes from the generic
-// c10 device-guard interface instead of c10/cuda.
-#include <ATen/ATen.h>
+// Only ATen's core Tensor header (not the whole ATen/ATen.h: nvcc parses every header twice, for the device and the
+// host pass), ATen/ops/empty.h, ATen/Dispatch.h, torch/library.h, c10/core headers and cuda_runtime.h are included,
+// so this file also compiles (nvcc -c) against the headers of a CPU-only torch wheel; the current stream comes from
+// the generic c10 device-guard interface instead of c10/cuda.
 #include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <cuda_runtime.h>
