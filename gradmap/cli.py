@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     _calib_args(s)
     s.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS)
+    s.add_argument("--backend", default="hooks", choices=("hooks", "fused"),
+                   help="weight-metric gradient reduction: hooks (default) or fused (no dW stored)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     e = sub.add_parser("eval", help="perplexity of a model on a text, and zero-shot accuracy")
@@ -290,10 +292,10 @@ def cmd_score(args) -> int:
     model, tokenizer = _load(args)
     calibration = _calibration(args, model, tokenizer, _text_split(args.text, "calibration", None))
     scores, stats = layer_scores(model, calibration, args.metric, micro_batch=args.micro_batch,
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, backend=args.backend)
     order = sorted(range(len(scores)), key=lambda i: float(scores[i]))
     if args.json:
-        print(json.dumps({"metric": args.metric, "scores": scores.tolist(), "order": order,
+        print(json.dumps({"metric": args.metric, "backend": args.backend, "scores": scores.tolist(), "order": order,
                           "seconds": stats.seconds, "tokens": stats.tokens}))
         return 0
     print(f"{'layer':>5} {'score':>14} {'rank':>5}")

@@ -49,7 +49,7 @@ def _load() -> None:
             _load_error = f"{path} failed to load: {exc}"
     if not _loaded["cpu"]:
         warnings.warn(f"gradmap: native ops unavailable ({_load_error}); using the PyTorch reference path. "
-                      "Build them with `pip install --no-build-isolation -e .` (see README).", RuntimeWarning,
+                      "Build them with `pip install --no-build-isolation --use-pep517 -e .` (see README).", RuntimeWarning,
                       stacklevel=3)
         return
     cuda_path = _library("_C_cuda")

@@ -44,6 +44,14 @@ def test_prune_eval_score(model_dir, tmp_path, capsys):
                  "-q"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert len(s["scores"]) == 6 and sorted(s["order"]) == list(range(6))
+    # the fused backend gives the same weight-metric scores as the hooks (fp32 reductions, different order)
+    runs = {}
+    for backend in ("hooks", "fused"):
+        assert main(["score", "--model", str(model_dir), "--text", text, "--nsamples", "2", "--seqlen", "16",
+                     "--metric", "taylor", "--backend", backend, "--json", "-q"]) == 0
+        runs[backend] = json.loads(capsys.readouterr().out)
+    assert runs["fused"]["backend"] == "fused"
+    assert runs["fused"]["scores"] == pytest.approx(runs["hooks"]["scores"], rel=1e-4)
 
 
 @pytest.mark.parametrize("extra,message", [

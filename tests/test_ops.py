@@ -1,6 +1,6 @@
 """Native stage-2 ops (csrc/, torch.ops.gradmap.*) against the PyTorch references in gradmap.projection.
 
-The extension is built by ``pip install --no-build-isolation -e .`` (scripts/install.sh) or
+The extension is built by ``pip install --no-build-isolation --use-pep517 -e .`` (scripts/install.sh) or
 ``python3 setup.py build_ext --inplace``; these tests fail, not skip, when it is missing, except the nvcc / cmake
 build tests, which skip with the reason when the tool is absent.
 """
