@@ -38,6 +38,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -156,6 +157,7 @@ def run_selection(model, calibration, target, method, args) -> dict:
     """Select on a copy of the dense ``model``; return the record (the pruned model under ``"model"``)."""
     work = copy.deepcopy(model).eval()
     device = next(model.parameters()).device
+    load_before = os.getloadavg()[0]
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         sel = select_layers(work, calibration, target, method=method, metric=args.metric,
@@ -168,6 +170,7 @@ def run_selection(model, calibration, target, method, args) -> dict:
               "peak_bytes": mem.peak_bytes, "removed_params": params,
               "zeroed_params": sel.extra.get("zeroed_params", 0),
               "zeroed_sub_blocks": sel.extra.get("zeroed_sub_blocks", []),
+              "load_avg_1min": [load_before, os.getloadavg()[0]],  # machine load before/after: other jobs skew time
               "first_step_layer_scores": {str(k): v for k, v in sel.first_layer_scores().items()},
               "extra": sel.extra}
     log.info("%s: removed %s in %.1f s (%g passes)", method, record["removed"], seconds, sel.passes)
