@@ -38,6 +38,7 @@ import importlib.metadata
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -156,6 +157,7 @@ def run_selection(model, calibration, target, method, args) -> dict:
     """Select on a copy of the dense ``model``; return the record (the pruned model under ``"model"``)."""
     work = copy.deepcopy(model).eval()
     device = next(model.parameters()).device
+    load_before = os.getloadavg()[0]
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
         sel = select_layers(work, calibration, target, method=method, metric=args.metric,
@@ -168,6 +170,7 @@ def run_selection(model, calibration, target, method, args) -> dict:
               "peak_bytes": mem.peak_bytes, "removed_params": params,
               "zeroed_params": sel.extra.get("zeroed_params", 0),
               "zeroed_sub_blocks": sel.extra.get("zeroed_sub_blocks", []),
+              "load_avg_1min": [load_before, os.getloadavg()[0]],  # machine load before/after: other jobs skew time
               "first_step_layer_scores": {str(k): v for k, v in sel.first_layer_scores().items()},
               "extra": sel.extra}
     log.info("%s: removed %s in %.1f s (%g passes)", method, record["removed"], seconds, sel.passes)
@@ -359,6 +362,8 @@ def parse_args(argv=None):
                    "all zero-shot items (hours on CPU)")
     p.add_argument("--out", default=str(ROOT / "docs" / "compare"), help="output directory (default docs/compare)")
     p.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute everything")
+    p.add_argument("--report-only", action="store_true",
+                   help="compute nothing: write the outputs from the cached rows (a partial table if rows are missing)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     defaults = {"nsamples": (8, 16), "seqlen": (64, 256), "eval_tokens": (8192, 0), "zeroshot_limit": (10, 0)}
@@ -407,6 +412,9 @@ def main(argv=None) -> int:
 
     dense_key = dict(base, row="dense", **eval_settings)
     dense = cache.get("dense", dense_key)
+    if args.report_only and (dense is None or cache.get("oracle", dict(base, row="oracle",
+                                                                       windows=oracle_windows.spec)) is None):
+        raise SystemExit("--report-only: the dense row or the oracle is not cached yet; nothing to report")
     if dense is None:
         log.info("evaluating the dense model")
         dense = cache.put("dense", dense_key, evaluate(model, tokenizer, eval_ids, args))
@@ -424,6 +432,7 @@ def main(argv=None) -> int:
                     **eval_settings)
     expected = 2 * len(args.methods) + ("gromov" in args.methods)
     rows = []
+    pending: list[str] = []
     for method in args.methods:
         sel_key = dict(base, method=method, metric=args.metric if method == "gradmap" else None)
         comps = ["none", "every-gap"] + (["replaceme"] if method == "gromov" else [])
@@ -435,6 +444,12 @@ def main(argv=None) -> int:
             rows += [cached_rows[c] for c in comps]
             continue
         sel = cache.get("selection", sel_key)
+        if args.report_only:
+            rows += [r for r in cached_rows.values() if r is not None]
+            if sel is not None and all(r is None for r in cached_rows.values()):
+                pending.append(f"{LABELS[method]}: selection done ({sel['seconds']:.0f} s, {sel['passes']:g} "
+                               f"forward-equivalent passes, removed {sel['removed']}), rows not evaluated yet")
+            continue
         if sel is None:
             log.info("selection: %s", method)
             sel = run_selection(model, calibration, target, method, args)
@@ -469,18 +484,19 @@ def main(argv=None) -> int:
             del work
             write_outputs(out, rows, dense, oracle, settings, time.perf_counter() - start, expected)
 
-    write_outputs(out, rows, dense, oracle, settings, time.perf_counter() - start, expected)
+    write_outputs(out, rows, dense, oracle, settings, time.perf_counter() - start, expected, pending)
     print((out / "compare.md").read_text())
     return 0
 
 
 def write_outputs(out: Path, rows: list[dict], dense: dict, oracle: dict, settings: dict, wall: float,
-                  expected: int) -> None:
+                  expected: int, pending: list[str] = ()) -> None:
     """Write compare.csv / .json / .md / .png for the rows so far (marked PARTIAL while rows are missing)."""
     flat = table_rows(rows, dense)
     summary = summarize(rows)
     if len(rows) < expected:
-        summary.insert(0, f"PARTIAL: {len(rows)} of {expected} rows computed so far (the run is incomplete).")
+        summary[:0] = [f"PARTIAL: {len(rows)} of {expected} rows computed so far (the run is incomplete); rerun the "
+                       "same command to complete it (computed rows are reused)."] + list(pending)
     keys = list(dict.fromkeys(k for r in flat for k in r))
     with open(out / "compare.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=keys)
