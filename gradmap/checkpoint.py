@@ -50,12 +50,28 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> 
 MARKER = ".gradmap-partial"
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _normal_permissions(root: Path) -> None:
+    """Give every file under ``root`` the permissions of a newly created file (``0666`` minus the umask).
+
+    Some writers (the safetensors/HF save path) create their files through ``mkstemp``, which makes them ``0600``: a
+    checkpoint other users or containers could not read.
+    """
+    mode = 0o666 & ~_umask()
+    for file in root.rglob("*"):
+        if file.is_file():
+            os.chmod(file, mode)
+
+
 def _make_partial_dir(parent: Path, prefix: str) -> Path:
     """``mkdtemp`` beside the output, with normal umask permissions and a marker identifying this process."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~_umask())
     (tmp / MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}), encoding="utf-8")
     return tmp
 
@@ -121,6 +137,7 @@ def save_checkpoint(model: nn.Module, tokenizer, output_dir: str | os.PathLike, 
         for name, writer in (extra or {}).items():
             writer(tmp / name)
         (tmp / MARKER).unlink()
+        _normal_permissions(tmp)
         if path.exists():
             backup = _make_partial_dir(path.parent, f".{path.name}.old-")
             os.replace(path, backup / "old")

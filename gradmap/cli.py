@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--ratio", type=float, help="fraction of decoder layers to remove, in (0, 1)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help=f"layer selection: GradMAP or a baseline (default {DEFAULT_METHOD})")
-    p.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS,
+    p.add_argument("--metric", default=None, choices=METRICS,
                    help=f"stage-1 metric of --method gradmap (default {DEFAULT_METRIC})")
     p.add_argument("--compensate", default=DEFAULT_COMPENSATION, choices=COMPENSATIONS,
                    help=f"compensation: GradMAP stage 2 (max-shift, every-gap), ReplaceMe's T (replaceme) or none "
@@ -208,7 +208,7 @@ def _calibration(args, model, tokenizer, split: str = "calibration"):
 
 def cmd_prune(args) -> int:
     """``gradmap prune``: the whole pipeline; prints the PPL table and where the checkpoint went."""
-    from .api import prune
+    from .api import DEFAULT_METRIC, prune
     from .checkpoint import check_output_dir
     from .data import load_text, tokenize
     from .models import parse_dtype
@@ -216,6 +216,12 @@ def cmd_prune(args) -> int:
 
     # Every check that needs no weights runs first: a bad flag fails in well under a second.
     parse_dtype(args.dtype)
+    if args.metric is not None and args.method != "gradmap":
+        raise ValueError(f"--metric: applies to --method gradmap only (--method {args.method} has its own score)")
+    if args.backend != "hooks" and args.method not in ("gradmap", "taylor-plus"):
+        raise ValueError(f"--backend: applies to the gradient methods (gradmap, taylor-plus) only, "
+                         f"not --method {args.method}")
+    args.metric = args.metric or DEFAULT_METRIC
     check_output_dir(args.output, args.overwrite)
     eval_text = None if args.no_eval else args.eval_text
     if not args.no_eval and args.eval_tokens not in (0, None) and args.eval_tokens < 2:
@@ -239,6 +245,8 @@ def cmd_prune(args) -> int:
     if args.resume and args.method != "gradmap":
         raise ValueError(f"--resume: only --method gradmap records resumable decisions, got --method {args.method}")
     state = _state_path(args.output)
+    if args.resume and not state.exists():
+        log.warning("--resume: no state file %s (no interrupted run recorded): starting from the first decision", state)
     if state.exists() and not args.resume:
         log.info("ignoring the state file %s of an earlier run (pass --resume to continue it)", state)
         state.unlink()

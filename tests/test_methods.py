@@ -3,6 +3,7 @@ hand-computed cases: identity layers (o_proj and down_proj zeroed, so the layer'
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -271,6 +272,16 @@ def test_cli_prune_with_a_baseline(tmp_path, tiny_tokenizer, capsys):
                  "--text", str(text), "--nsamples", "4", "--seqlen", "16", "--no-eval", "--output", str(out),
                  "-q"]) == 0
     assert "method shortgpt: removed layers (original indices): [2]" in capsys.readouterr().out
+    # the checkpoint is readable by others (safetensors' mkstemp files were 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~umask)
+    # options that a baseline would silently ignore are refused before any work
+    for extra, message in ((["--metric", "taylor"], "--metric: applies to --method gradmap only"),
+                           (["--backend", "fused"], "--backend: applies to the gradient methods")):
+        assert main(["prune", "--model", str(path), "--num-layers", "1", "--method", "sleb", "--text", str(text),
+                     "--output", str(tmp_path / "x"), *extra]) == 2
+        assert message in capsys.readouterr().err
     report = __import__("json").loads((out / "gradmap_report.json").read_text())
     assert report["method"] == "shortgpt" and report["removed_layers"] == [2]
     assert report["selection"]["forward_equivalent_passes"] == 1
