@@ -17,7 +17,7 @@ import time
 import torch
 
 from gradmap.adapters import get_adapter
-from gradmap.baselines import block_influence
+from gradmap.methods.shortgpt import block_influence
 from gradmap.data import build_calibration, load_text, tokenize
 from gradmap.evaluation import perplexity
 from gradmap.models import load_model
