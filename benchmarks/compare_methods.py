@@ -12,8 +12,10 @@ window) and zero-shot accuracy (:func:`gradmap.zeroshot.evaluate_zero_shot`, fir
 task). Torch threads are fixed (``--threads``) for the whole run.
 
 Columns: prune time = wall seconds of the layer selection (stage 1 for GradMAP; the method's scoring and removal for a
-baseline); stage-2 time separately; forward-equivalent passes over the calibration set (a backward counts 2, see
-:mod:`gradmap.methods`); time ratio = the method's prune time / GradMAP's (> 1: GradMAP is faster); peak memory =
+baseline); stage-2 time separately; forward-equivalent passes over the calibration set (a backward counts 2; the
+leave-one-out searches resume each candidate from cached hidden states and count the share they run, see
+:mod:`gradmap.methods` and :mod:`gradmap.methods.prefix`); passes as published = one full forward per candidate, what
+the SLEB / BlockPruner / PPL papers' own procedure spends; time ratio = the method's prune time / GradMAP's (> 1: GradMAP is faster); peak memory =
 peak heap bytes in use during the selection above the level before it (CPU: glibc ``mallinfo2`` in-use bytes,
 ``uordblks + hblkhd``, sampled every 2 ms by a thread, so a peak shorter than that can be missed; CUDA:
 ``torch.cuda.max_memory_allocated``); Spearman = rank correlation of the method's first-step layer scores with the
@@ -164,9 +166,16 @@ def run_selection(model, calibration, target, method, args) -> dict:
                             micro_batch=args.micro_batch, progress=not args.quiet)
         seconds = time.perf_counter() - t0
     kept = [i for i in range(len(get_adapter(model).layers(model))) if i not in set(sel.removed)]
+    # what the published algorithm would spend: one FULL forward per candidate (our searches resume from cached states)
+    if method in ("sleb", "blockpruner"):
+        published = sum(len(step.scores) for step in sel.steps)
+    elif method == "ppl":
+        published = len(sel.steps[0].scores)
+    else:
+        published = sel.passes
     params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in work.parameters())
     record = {"method": method, "removed": sorted(sel.removed), "removal_order": list(sel.removed), "kept": kept,
-              "seconds": seconds, "step_seconds": sel.seconds, "passes": sel.passes,
+              "seconds": seconds, "step_seconds": sel.seconds, "passes": sel.passes, "published_passes": published,
               "peak_bytes": mem.peak_bytes, "removed_params": params,
               "zeroed_params": sel.extra.get("zeroed_params", 0),
               "zeroed_sub_blocks": sel.extra.get("zeroed_sub_blocks", []),
@@ -209,7 +218,8 @@ def table_rows(rows: list[dict], dense: dict) -> list[dict]:
     base = [r for r in rows if r["method"] == "gradmap" and r["compensation"] == "none"]
     g_sec = base[0]["prune_seconds"] if base else None
     flat = [{"method": "dense", "compensation": "-", "removed_layers": "", "prune_s": "", "stage2_s": "",
-             "passes": "", "time_ratio_vs_gradmap": "", "peak_mib": "", "removed_params": 0, "zeroed_params": 0,
+             "passes": "", "published_passes": "", "time_ratio_vs_gradmap": "", "peak_mib": "", "removed_params": 0,
+             "zeroed_params": 0,
              "test_ppl": dense["ppl"]["ppl"], "zeroshot_avg": dense.get("zeroshot", {}).get("average"),
              "spearman_vs_oracle": "", **_task_columns(dense)}]
     for r in rows:
@@ -217,6 +227,7 @@ def table_rows(rows: list[dict], dense: dict) -> list[dict]:
             "method": r["method"], "compensation": r["compensation"],
             "removed_layers": " ".join(str(i) for i in r["removed"]),
             "prune_s": r["prune_seconds"], "stage2_s": r["stage2_seconds"], "passes": r["passes"],
+            "published_passes": r.get("published_passes", ""),
             "time_ratio_vs_gradmap": r["prune_seconds"] / g_sec if g_sec else "",
             "peak_mib": r["peak_bytes"] / MIB if r["peak_bytes"] is not None else "",
             "removed_params": r["removed_params"], "zeroed_params": r["zeroed_params"],
@@ -245,6 +256,7 @@ def _fmt(v, digits=2):
 def write_markdown(path: Path, flat: list[dict], summary: list[str], settings: dict, wall: float) -> None:
     cols = [("method", "method", None), ("compensation", "comp.", None), ("removed_layers", "removed (orig. idx)", None),
             ("prune_s", "prune s", 1), ("stage2_s", "stage 2 s", 1), ("passes", "fwd-eq. passes", 0),
+            ("published_passes", "passes as published", 0),
             ("time_ratio_vs_gradmap", "time / GradMAP", 2), ("peak_mib", "peak MiB", 0),
             ("test_ppl", "test PPL", 2), ("zeroshot_avg", "0-shot avg", 3), ("spearman_vs_oracle", "Spearman", 2)]
     tasks = [k for k in flat[0] if k.startswith("zs_")]
@@ -308,6 +320,16 @@ def summarize(rows: list[dict]) -> list[str]:
         ratios = [f"{LABELS[m]} {by[(m, 'none')]['prune_seconds'] / g['prune_seconds']:.2f}x"
                   for m in METHODS if m != "gradmap" and (m, "none") in by]
         out.append("Layer-selection time relative to GradMAP (> 1: GradMAP faster): " + ", ".join(ratios) + ".")
+        by_pass = []
+        for m in METHODS:
+            r = by.get((m, "none"))
+            if m == "gradmap" or r is None:
+                continue
+            text = f"{LABELS[m]} {r['passes'] / g['passes']:.2f}x"
+            if r.get("published_passes", r["passes"]) != r["passes"]:
+                text += f" (full forwards as published: {r['published_passes'] / g['passes']:.2f}x)"
+            by_pass.append(text)
+        out.append("Forward-equivalent passes relative to GradMAP (load-independent): " + ", ".join(by_pass) + ".")
     for comp in ("none", "every-gap"):
         g = by.get(("gradmap", comp))
         others = [r for (m, c), r in by.items() if m != "gradmap" and c == comp]
@@ -350,7 +372,7 @@ def parse_args(argv=None):
                    help="test-split tokens for PPL (default 8192; --full 0 = all)")
     p.add_argument("--eval-seqlen", type=int, default=1024, help="PPL window (default 1024)")
     p.add_argument("--zeroshot-limit", type=int, default=None,
-                   help="items per zero-shot task (default 10; --full 0 = all; -1 = skip zero-shot)")
+                   help="items per zero-shot task (default 20; --full 0 = all; -1 = skip zero-shot)")
     p.add_argument("--zeroshot-batch-size", type=int, default=8)
     p.add_argument("--tasks", default="all", help="zero-shot tasks (default all seven)")
     p.add_argument("--oracle-nsamples", type=int, default=None, help="oracle windows from the test split "
@@ -366,7 +388,7 @@ def parse_args(argv=None):
                    help="compute nothing: write the outputs from the cached rows (a partial table if rows are missing)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    defaults = {"nsamples": (8, 16), "seqlen": (64, 256), "eval_tokens": (8192, 0), "zeroshot_limit": (10, 0)}
+    defaults = {"nsamples": (8, 16), "seqlen": (64, 256), "eval_tokens": (8192, 0), "zeroshot_limit": (20, 0)}
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, full if args.full else quick)
@@ -476,6 +498,7 @@ def main(argv=None) -> int:
             ev = evaluate(work, tokenizer, eval_ids, args)
             row = {"method": method, "compensation": comp, "removed": sel["removed"], "kept": sel["kept"],
                    "prune_seconds": sel["seconds"], "stage2_seconds": stage2, "passes": sel["passes"],
+                   "published_passes": sel.get("published_passes", sel["passes"]),
                    "peak_bytes": sel["peak_bytes"], "removed_params": sel["removed_params"],
                    "zeroed_params": sel["zeroed_params"], "spearman": fidelity, "stage2_notes": notes, **ev}
             rows.append(cache.put("row", row_keys[comp], row))

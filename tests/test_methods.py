@@ -96,12 +96,13 @@ def test_gromov_skips_blocks_with_protected_layers():
 def test_sleb_removes_the_layer_that_leaves_the_loss_unchanged(family):
     model, cal = constructed(family, identity=3)
     dense = calibration_loss(model, cal)
-    losses = leave_one_out_losses(model, cal)
-    assert losses[3] == pytest.approx(dense, abs=1e-6)
+    losses, passes = leave_one_out_losses(model, cal)
+    assert losses[3] == pytest.approx(dense, abs=1e-6) and 0 < passes < 6
     assert all(losses[i] > dense + 0.1 for i in range(6) if i != 3)  # the construction works
     sel = select_sleb(model, cal, 2)
     assert sel.removed[0] == 3 and sel.steps[0].scores[3] == pytest.approx(dense, abs=1e-6)
-    assert sel.passes == 6 + 5 and len(sel.steps[1].scores) == 5 and len(model.model.layers) == 4
+    # resumed forwards: fewer than the 6 + 5 full passes of the published algorithm, more than one per decision
+    assert 2 < sel.passes < 6 + 5 and len(sel.steps[1].scores) == 5 and len(model.model.layers) == 4
     assert [l.self_attn.layer_idx for l in model.model.layers] == [0, 1, 2, 3]
 
 
@@ -122,7 +123,7 @@ def test_ppl_method_scores_are_exp_of_the_removed_model_loss():
     cal = random_calibration(4, 16, pad_last=3)
     work = copy.deepcopy(model)
     sel = select_ppl(work, cal, 2)
-    assert sel.passes == 6 and len(work.model.layers) == 4
+    assert 1 < sel.passes < 6 and len(work.model.layers) == 4
     for layer in (0, 4):
         ref = copy.deepcopy(model)
         remove_layers(ref, [layer])
@@ -152,7 +153,7 @@ def test_blockpruner_zeroed_sub_blocks_match_after_save_reload(tmp_path):
     order = sel.extra["sub_block_order"]
     assert set(order[:2]) == {"3.attn", "3.mlp"} and sel.removed[0] == 3  # identity layer first, then dropped
     assert sel.extra["removed_params"] + sel.extra["zeroed_params"] >= sel.extra["target_params"]
-    assert sel.passes == sum(len(s.scores) for s in sel.steps) and len(sel.steps[0].scores) == 12
+    assert 0 < sel.passes < sum(len(s.scores) for s in sel.steps) and len(sel.steps[0].scores) == 12
     # the search-time representation (sub-blocks replaced by zeros) gives the same logits as the materialised model
     search = copy.deepcopy(dense)
     for label in order:
@@ -214,7 +215,7 @@ def test_spearman_with_ties_matches_hand_ranks():
 def test_oracle_increase_is_zero_for_identity_layer():
     model = make_identity(tiny_model("llama"), 4)
     result = oracle_loss_increase(model, random_calibration(4, 16))
-    assert result["passes"] == 7 and result["increase"][4] == pytest.approx(0.0, abs=1e-6)
+    assert 2 < result["passes"] < 7 and result["increase"][4] == pytest.approx(0.0, abs=1e-6)
     assert sorted(result["increase"]) == list(range(6))
 
 

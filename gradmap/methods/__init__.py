@@ -7,13 +7,15 @@ method             score (lower = removed first)                          schedu
 ``shortgpt``       Block Influence (:mod:`.shortgpt`)                     one-shot    1
 ``gromov``         angular distance of a contiguous block (:mod:`.gromov`) one-shot   1
 ``taylor-plus``    Σ|W ⊙ ∂L/∂W|, first 4 / last 2 kept (:mod:`.taylor_plus`) one-shot 3
-``ppl``            leave-one-out calibration PPL (:mod:`.ppl`)            one-shot    L
-``sleb``           leave-one-out calibration NLL, re-scored (:mod:`.ppl`) iterative   Σ_k (L - k)
-``blockpruner``    leave-one-sub-block-out PPL (:mod:`.blockpruner`)      iterative   Σ over decisions of candidates
+``ppl``            leave-one-out calibration PPL (:mod:`.ppl`)            one-shot    < L (resumed forwards)
+``sleb``           leave-one-out calibration NLL, re-scored (:mod:`.ppl`) iterative   < Σ_k (L - k)
+``blockpruner``    leave-one-sub-block-out PPL (:mod:`.blockpruner`)      iterative   < Σ over decisions of candidates
 =================  =====================================================  ==========  ==============================
 
 A pass is one pass over the calibration set; a forward of the current (possibly pruned) model counts 1, a backward
-2 (:data:`gradmap.pruning.PASSES_PER_GRADIENT_STEP`). Compensation: ``none`` / ``max-shift`` / ``every-gap``
+2 (:data:`gradmap.pruning.PASSES_PER_GRADIENT_STEP`). The leave-one-out searches resume every candidate's forward from
+cached hidden states (:mod:`.prefix`) and count the parameter share they run (plus one partial pass per decision to
+build the cache); the published algorithms' full-forward counts are the upper bounds in the table. Compensation: ``none`` / ``max-shift`` / ``every-gap``
 (GradMAP stage 2, :mod:`gradmap.compensation`) or ``replaceme`` (:mod:`.replaceme`), on top of any method.
 """
 

@@ -38,7 +38,8 @@ from ..adapters import get_adapter
 from ..data import Calibration
 from ..pruning import Selection, Step
 from ..removal import remove_layers
-from .common import Timer, calibration_loss
+from .common import Timer
+from .prefix import DEFAULT_CACHE_BYTES, PrefixCache, resumed_loss
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +90,12 @@ def zero_sub_block_(layer: nn.Module, kind: str) -> None:
 
 
 def select_blockpruner(model: nn.Module, calibration: Calibration, target: int, *, protected=(),
-                       micro_batch: int = 8, progress: bool = False) -> Selection:
+                       micro_batch: int = 8, progress: bool = False,
+                       cache_bytes: int = DEFAULT_CACHE_BYTES) -> Selection:
     """Run BlockPruner on the dense ``model`` IN PLACE until the parameters of ``target`` layers are removed.
+
+    Each candidate's calibration PPL is computed by a forward resumed from the cached hidden state entering its layer
+    (:mod:`gradmap.methods.prefix`, one cache pass per decision; ``cache_bytes=0``: plain full forwards).
 
     Returns:
         :class:`Selection`: ``removed`` = the wholly dropped layers (original indices, in the order their second
@@ -125,18 +130,23 @@ def select_blockpruner(model: nn.Module, calibration: Calibration, target: int, 
         with Timer() as t:
             candidates = [(i, k) for i in range(n) for k in SUB_BLOCKS if i not in protected and (i, k) not in originals]
             scores: dict[str, float] = {}
+            cache = PrefixCache(model, calibration, micro_batch=micro_batch, max_bytes=cache_bytes,
+                                last=max(i for i, _ in candidates), adapter=adapter)
+            passes = cache.passes
             for i, k in tqdm(candidates, desc="blockpruner", disable=not progress, leave=False):
                 attr = _PATHS[k][0]
                 module = getattr(layers[i], attr)
                 setattr(layers[i], attr, RemovedSubBlock(k))
                 try:
-                    scores[_label(i, k)] = math.exp(calibration_loss(model, calibration, micro_batch))
+                    nll, cost = resumed_loss(model, calibration, cache, start=i)
+                    scores[_label(i, k)] = math.exp(nll)
+                    passes += cost
                 finally:
                     setattr(layers[i], attr, module)
             best = min(candidates, key=lambda c: (scores[_label(*c)], c))
             originals[best] = getattr(layers[best[0]], _PATHS[best[1]][0])
             setattr(layers[best[0]], _PATHS[best[1]][0], RemovedSubBlock(best[1]))
-        selection.passes += len(candidates)
+        selection.passes += passes
         order.append(_label(*best))
         if all((best[0], k) in originals for k in SUB_BLOCKS):
             dropped.append(best[0])

@@ -25,16 +25,18 @@ from .ppl import leave_one_out_losses
 
 def oracle_loss_increase(model: nn.Module, windows: Calibration, *, micro_batch: int = 8,
                          progress: bool = False) -> dict:
-    """Loss increase of removing each single decoder layer of ``model`` (module docstring), L + 1 forwards.
+    """Loss increase of removing each single decoder layer of ``model`` (module docstring), L + 1 forwards (the L
+    leave-one-out forwards resumed from cached hidden states, :mod:`gradmap.methods.prefix`).
 
     Returns:
-        ``{"dense_nll": float, "increase": {layer: float}, "seconds": float, "passes": int}`` (nats/token, seconds).
+        ``{"dense_nll": float, "increase": {layer: float}, "seconds": float, "passes": float}`` (nats/token, seconds,
+        forward-equivalent passes).
     """
     with Timer() as t:
         base = calibration_loss(model, windows, micro_batch)
-        losses = leave_one_out_losses(model, windows, micro_batch=micro_batch, progress=progress)
+        losses, passes = leave_one_out_losses(model, windows, micro_batch=micro_batch, progress=progress)
     return {"dense_nll": base, "increase": {p: v - base for p, v in losses.items()}, "seconds": t.seconds,
-            "passes": len(losses) + 1}
+            "passes": passes + 1}
 
 
 def _average_ranks(values: list[float]) -> list[float]:
