@@ -3,7 +3,7 @@
     python benchmarks/compare_methods.py                      # defaults: < 45 min on 2 CPU cores, writes docs/compare/
     python benchmarks/compare_methods.py --full               # larger calibration set, full test text, all items
 
-Every method of :data:`gradmap.methods.METHODS` removes the same number of decoder layers (``--ratio``, 25 % = 8 of
+Every method of :data:`gradmap.methods.METHODS` (and GradMAP with ``--verify-top``, row ``gradmap-verify``) removes the same number of decoder layers (``--ratio``, 25 % = 8 of
 SmolLM2's 30) using the SAME calibration windows (``--nsamples`` × ``--seqlen`` tokens of the Wikipedia calibration
 split, seed ``--seed``). Each selection runs once; its pruned model is evaluated as is ("none") and after GradMAP's
 stage 2 ("every-gap", :func:`gradmap.compensation.compensate`); the Gromov block also gets ReplaceMe's own closed-form
@@ -68,7 +68,9 @@ log = logging.getLogger("compare_methods")
 MIB = 2**20
 LABELS = {"gradmap": "GradMAP", "shortgpt": "ShortGPT (BI)", "gromov": "Gromov (angular)",
           "taylor-plus": "Shortened-LLaMA Taylor+", "ppl": "Shortened-LLaMA PPL", "sleb": "SLEB",
-          "blockpruner": "BlockPruner"}
+          "blockpruner": "BlockPruner", "gradmap-verify": "GradMAP + loss check of top K"}
+#: rows of this benchmark: every method of gradmap.methods, plus GradMAP with --verify-top (our extension)
+ROWS = METHODS + ("gradmap-verify",)
 
 
 # ----------------------------------------------------------------------------------------------------------- memory
@@ -162,7 +164,8 @@ def run_selection(model, calibration, target, method, args) -> dict:
     load_before = os.getloadavg()[0]
     with PeakMemory(device) as mem:
         t0 = time.perf_counter()
-        sel = select_layers(work, calibration, target, method=method, metric=args.metric,
+        verify = {"method": "gradmap", "verify_top": args.verify_top} if method == "gradmap-verify" else {"method": method}
+        sel = select_layers(work, calibration, target, **verify, metric=args.metric,
                             micro_batch=args.micro_batch, progress=not args.quiet)
         seconds = time.perf_counter() - t0
     kept = [i for i in range(len(get_adapter(model).layers(model))) if i not in set(sel.removed)]
@@ -284,7 +287,7 @@ def plot(path: Path, rows: list[dict], dense: dict) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
     marks = {"none": "o", "every-gap": "^", "replaceme": "s"}
-    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(ROWS)}
     for r in rows:
         a.scatter(r["prune_seconds"], r["ppl"]["ppl"], marker=marks[r["compensation"]], color=colors[r["method"]],
                   s=60, label=f"{LABELS[r['method']]} / {r['compensation']}")
@@ -318,10 +321,10 @@ def summarize(rows: list[dict]) -> list[str]:
     g = by.get(("gradmap", "none"))
     if g:
         ratios = [f"{LABELS[m]} {by[(m, 'none')]['prune_seconds'] / g['prune_seconds']:.2f}x"
-                  for m in METHODS if m != "gradmap" and (m, "none") in by]
+                  for m in ROWS if m != "gradmap" and (m, "none") in by]
         out.append("Layer-selection time relative to GradMAP (> 1: GradMAP faster): " + ", ".join(ratios) + ".")
         by_pass = []
-        for m in METHODS:
+        for m in ROWS:
             r = by.get((m, "none"))
             if m == "gradmap" or r is None:
                 continue
@@ -344,7 +347,7 @@ def summarize(rows: list[dict]) -> list[str]:
                          f"{LABELS[best_zs['method']]} {best_zs['zeroshot']['average']:.3f}")
             out.append(line + ".")
     gains = []
-    for m in METHODS:
+    for m in ROWS:
         if (m, "none") in by and (m, "every-gap") in by:
             a, b = by[(m, "none")]["ppl"]["ppl"], by[(m, "every-gap")]["ppl"]["ppl"]
             gains.append(f"{LABELS[m]} {a:.2f} → {b:.2f} ({100 * (b - a) / a:+.1f} %)")
@@ -361,7 +364,9 @@ def summarize(rows: list[dict]) -> list[str]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="default", help="model directory or 'default' (SmolLM2-135M)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    p.add_argument("--methods", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
+    p.add_argument("--verify-top", type=int, default=3,
+                   help="K of the gradmap-verify row (GradMAP + loss check of its K lowest-scored layers; default 3)")
     p.add_argument("--ratio", type=float, default=0.25, help="fraction of decoder layers to remove (default 0.25)")
     p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 8; --full 16)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 64; --full 256)")
@@ -396,9 +401,11 @@ def parse_args(argv=None):
         from gradmap.api import DEFAULT_METRIC
         args.metric = DEFAULT_METRIC
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in args.methods if m not in METHODS]
+    bad = [m for m in args.methods if m not in ROWS]
     if bad:
-        p.error(f"--methods: unknown {bad}; accepted: {', '.join(METHODS)}")
+        p.error(f"--methods: unknown {bad}; accepted: {', '.join(ROWS)}")
+    if args.verify_top < 2:
+        p.error(f"--verify-top: must be >= 2 (1 is plain GradMAP), got {args.verify_top}")
     if "gradmap" not in args.methods:
         p.error("--methods: must include gradmap (the time ratios are relative to it)")
     args.oracle_nsamples = args.oracle_nsamples or args.nsamples
@@ -427,7 +434,8 @@ def main(argv=None) -> int:
     eval_ids = tokenize(tokenizer, test_text)
     oracle_windows = build_calibration(tokenizer, test_text, nsamples=args.oracle_nsamples, seqlen=args.seqlen,
                                        seed=args.seed + 1, source="wiki-test", max_length=max_len)
-    base = {"model": args.model, "gradmap": __version__, "num_layers": n_layers, "target": target,
+    base = {"model": args.model, "gradmap": __version__, "cost_model": "prefix-resumed", "num_layers": n_layers,
+            "target": target,
             "calibration": calibration.spec, "micro_batch": args.micro_batch, "threads": args.threads}
     eval_settings = {"eval_tokens": args.eval_tokens, "eval_seqlen": args.eval_seqlen,
                      "zeroshot_limit": args.zeroshot_limit, "tasks": args.tasks}
@@ -456,7 +464,9 @@ def main(argv=None) -> int:
     rows = []
     pending: list[str] = []
     for method in args.methods:
-        sel_key = dict(base, method=method, metric=args.metric if method == "gradmap" else None)
+        sel_key = dict(base, method=method, metric=args.metric if method.startswith("gradmap") else None)
+        if method == "gradmap-verify":
+            sel_key["verify_top"] = args.verify_top
         comps = ["none", "every-gap"] + (["replaceme"] if method == "gromov" else [])
         row_keys = {c: dict(sel_key, compensation=c, **eval_settings,
                             ridge=(args.replaceme_ridge or REPLACEME_RIDGE) if c == "replaceme" else None)

@@ -119,7 +119,8 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
           method: str = DEFAULT_METHOD, metric: str = DEFAULT_METRIC, compensate_mode: str = DEFAULT_COMPENSATION, ridge: float | None = None,
           protected: list[int] | tuple[int, ...] = (), micro_batch: int = 8, eval_tokens: torch.Tensor | None = None,
           eval_seqlen: int = 1024, eval_max_tokens: int | None = None, seed: int = 0, inplace: bool = False,
-          backend: str = "hooks", progress: bool = False, resume: str | Path | None = None) -> PruneResult:
+          backend: str = "hooks", progress: bool = False, resume: str | Path | None = None,
+          verify_top: int = 0) -> PruneResult:
     """Remove ``num_layers`` (or ``ratio`` of the) decoder layers with GradMAP (or a baseline) and repair the model.
 
     Stage 1 (arXiv 2602.14649 Sec. 3): iteratively score all remaining layers with one forward + backward and drop the
@@ -144,6 +145,9 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
         inplace: prune ``model`` itself; by default ``model`` is left bit-identical and a copy is pruned.
         backend: ``"hooks"`` or ``"fused"`` weight-gradient reduction for the weight metrics
             (:func:`gradmap.scoring.layer_scores`).
+        verify_top: ``method="gradmap"`` only: each decision removes, among the ``verify_top`` lowest-scored layers,
+            the one whose removal gives the lowest calibration NLL (our extension, :func:`gradmap.pruning.select_iterative`;
+            0 = the paper's metric alone).
         resume: path of a stage-1 state file (:mod:`gradmap.resume`): written after every decision; if it already
             holds decisions of the same model, calibration and settings, they are replayed and scoring continues.
 
@@ -163,6 +167,10 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
         raise ValueError(f"resume: only method 'gradmap' records resumable decisions, got method {method!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if isinstance(verify_top, bool) or not isinstance(verify_top, int) or verify_top < 0:
+        raise ValueError(f"verify_top: must be an integer >= 0, got {verify_top!r}")
+    if verify_top and method != "gradmap":
+        raise ValueError(f"verify_top: applies to method 'gradmap' only, got method {method!r}")
     validate_model(model)
     adapter = get_adapter(model)
     n_dense = len(adapter.layers(model))
@@ -178,13 +186,15 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
     torch.manual_seed(seed)
     settings = {"method": method, "num_layers": target, "ratio": ratio, "metric": metric, "compensate": compensate_mode,
                 "ridge": ridge, "protected": sorted(int(p) for p in protected), "micro_batch": micro_batch,
-                "seed": seed, "eval_seqlen": eval_seqlen, "eval_max_tokens": eval_max_tokens, "backend": backend}
+                "seed": seed, "eval_seqlen": eval_seqlen, "eval_max_tokens": eval_max_tokens, "backend": backend,
+                "verify_top": verify_top}
     timings: dict[str, float] = {}
     ppl: dict[str, dict] = {}
     start = time.perf_counter()
     recorded = []
     if resume is not None:
-        decisions = {k: settings[k] for k in ("num_layers", "metric", "protected", "micro_batch", "backend", "seed")}
+        decisions = {k: settings[k] for k in ("num_layers", "metric", "protected", "micro_batch", "backend", "seed",
+                                              "verify_top")}
         run_id = fingerprint(model, calibration, decisions)
         recorded = load_state(resume, run_id)
         if recorded:
@@ -222,7 +232,7 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
         while len(selection.removed) < target:
             select_iterative(work, calibration, len(selection.removed) + 1, metric=metric, protected=protected,
                              micro_batch=micro_batch, progress=progress, kept=kept, selection=selection,
-                             backend=backend)
+                             backend=backend, verify_top=verify_top)
             kept = [i for i in range(n_dense) if i not in set(selection.removed)]
             if resume is not None:
                 write_state(resume, run_id, selection.steps)

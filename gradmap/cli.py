@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"layer selection: GradMAP or a baseline (default {DEFAULT_METHOD})")
     p.add_argument("--metric", default=None, choices=METRICS,
                    help=f"stage-1 metric of --method gradmap (default {DEFAULT_METRIC})")
+    p.add_argument("--verify-top", type=int, default=0, metavar="K",
+                   help="--method gradmap: each decision removes, of the K lowest-scored layers, the one whose removal "
+                        "gives the lowest calibration loss (K resumed forwards; default 0 = the gradient metric alone)")
     p.add_argument("--compensate", default=DEFAULT_COMPENSATION, choices=COMPENSATIONS,
                    help=f"compensation: GradMAP stage 2 (max-shift, every-gap), ReplaceMe's T (replaceme) or none "
                         f"(default {DEFAULT_COMPENSATION})")
@@ -221,6 +224,10 @@ def cmd_prune(args) -> int:
     if args.backend != "hooks" and args.method not in ("gradmap", "taylor-plus"):
         raise ValueError(f"--backend: applies to the gradient methods (gradmap, taylor-plus) only, "
                          f"not --method {args.method}")
+    if args.verify_top < 0:
+        raise ValueError(f"--verify-top: must be >= 0, got {args.verify_top}")
+    if args.verify_top and args.method != "gradmap":
+        raise ValueError(f"--verify-top: applies to --method gradmap only, not --method {args.method}")
     args.metric = args.metric or DEFAULT_METRIC
     check_output_dir(args.output, args.overwrite)
     eval_text = None if args.no_eval else args.eval_text
@@ -260,7 +267,8 @@ def cmd_prune(args) -> int:
                    compensate_mode=args.compensate, ridge=args.ridge, protected=args.protected,
                    micro_batch=args.micro_batch, eval_tokens=eval_ids, eval_seqlen=args.eval_seqlen,
                    eval_max_tokens=args.eval_tokens or None, seed=args.seed, inplace=True, backend=args.backend,
-                   progress=not args.quiet, resume=state if args.method == "gradmap" else None)
+                   progress=not args.quiet, resume=state if args.method == "gradmap" else None,
+                   verify_top=args.verify_top)
     result.settings.update(model=str(args.model), dtype=args.dtype, text=args.text, eval_text=args.eval_text,
                            text_split=calib_split)
     path = result.save(args.output, tokenizer, overwrite=args.overwrite)

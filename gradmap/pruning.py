@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -111,8 +112,13 @@ class Selection:
 def select_iterative(model: nn.Module, calibration: Calibration, target: int, *, metric: str = "taylor",
                      protected: list[int] | tuple[int, ...] = (), micro_batch: int = 8, progress: bool = False,
                      kept: list[int] | None = None, selection: Selection | None = None,
-                     backend: str = "hooks") -> Selection:
+                     backend: str = "hooks", verify_top: int = 0) -> Selection:
     """Remove ``target`` layers from ``model`` IN PLACE, one per scoring pass, lowest score first.
+
+    With ``verify_top = k > 0`` (our extension, not in the GradMAP paper), each decision removes, among the ``k``
+    lowest-scored unprotected layers, the one whose removal gives the lowest calibration NLL (``k`` forwards resumed
+    from cached hidden states, :mod:`gradmap.methods.prefix`): the gradient metric shortlists, the loss decides, as
+    SLEB does over all layers. ``k = 1`` is the plain metric (no forward).
 
     Args:
         model: the working copy to prune (mutated).
@@ -123,10 +129,17 @@ def select_iterative(model: nn.Module, calibration: Calibration, target: int, *,
         kept: original index of each current layer (defaults to ``range(num_layers)``).
         selection: steps already taken (resuming); its removed layers must already be gone from ``model``.
         backend: weight-gradient reduction backend (see :func:`gradmap.scoring.layer_scores`).
+        verify_top: shortlist size checked by calibration NLL (0 or 1: off).
 
     Returns:
-        The :class:`Selection` (removed original indices and per-step scores).
+        The :class:`Selection` (removed original indices and per-step scores; with ``verify_top`` > 1,
+        ``extra["verified"]`` holds each decision's shortlist NLLs, nats/token, by original index).
+
+    Raises:
+        ValueError: ``verify_top`` < 0.
     """
+    if int(verify_top) < 0:
+        raise ValueError(f"verify_top: must be >= 0, got {verify_top}")
     adapter = get_adapter(model)
     kept = list(range(len(adapter.layers(model)))) if kept is None else list(kept)
     selection = selection or Selection()
@@ -135,14 +148,32 @@ def select_iterative(model: nn.Module, calibration: Calibration, target: int, *,
         scores, stats = layer_scores(model, calibration, metric, micro_batch=micro_batch, adapter=adapter,
                                      progress=progress, backend=backend)
         by_orig = {orig: float(s) for orig, s in zip(kept, scores.tolist())}
-        candidates = [(s, orig) for orig, s in by_orig.items() if orig not in protected]
-        _, victim = min(candidates)
+        candidates = sorted((s, orig) for orig, s in by_orig.items() if orig not in protected)
+        _, victim = candidates[0]
+        seconds = stats.seconds
+        if verify_top > 1:
+            t0 = time.perf_counter()
+            nll, cost = _verify(model, calibration, [kept.index(o) for _, o in candidates[:verify_top]],
+                                micro_batch, adapter)
+            nll = {kept[p]: v for p, v in nll.items()}
+            victim = min(nll, key=lambda o: (nll[o], by_orig[o]))
+            selection.passes += cost
+            selection.extra.setdefault("verified", []).append({str(o): v for o, v in nll.items()})
+            seconds += time.perf_counter() - t0
         position = kept.index(victim)
         remove_layers(model, [position], adapter)
         kept.pop(position)
         selection.removed.append(victim)
-        selection.steps.append(Step(len(selection.steps), by_orig, victim, stats.seconds))
+        selection.steps.append(Step(len(selection.steps), by_orig, victim, seconds))
         selection.passes += PASSES_PER_GRADIENT_STEP
         logger.info("step %d: removed layer %d (score %.4g) in %.1f s", len(selection.steps), victim,
                     by_orig[victim], stats.seconds)
     return selection
+
+
+def _verify(model: nn.Module, calibration: Calibration, positions: list[int], micro_batch: int, adapter
+            ) -> tuple[dict[int, float], float]:
+    """Calibration NLL with each of ``positions`` left out, and the cost in forward-equivalent passes."""
+    from .methods.ppl import leave_one_out_losses  # the methods package imports this module
+
+    return leave_one_out_losses(model, calibration, candidates=positions, micro_batch=micro_batch)

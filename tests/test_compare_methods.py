@@ -23,7 +23,7 @@ def test_compare_methods_tiny(tmp_path, tiny_tokenizer):
     tiny_model("llama").save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     out = tmp_path / "out"
-    argv = ["--model", str(path), "--methods", "gradmap,sleb,blockpruner,gromov", "--nsamples", "4", "--seqlen", "16",
+    argv = ["--model", str(path), "--methods", "gradmap,sleb,blockpruner,gromov,gradmap-verify", "--nsamples", "4", "--seqlen", "16",
             "--eval-tokens", "256", "--eval-seqlen", "32", "--zeroshot-limit", "-1", "--ratio", "0.34",
             "--threads", "1", "--out", str(out), "-q"]
     script = load_script()
@@ -31,7 +31,7 @@ def test_compare_methods_tiny(tmp_path, tiny_tokenizer):
     for name in ("compare.csv", "compare.json", "compare.md", "compare.png"):
         assert (out / name).stat().st_size > 0
     report = json.loads((out / "compare.json").read_text())
-    assert report["complete"] and len(report["rows"]) == 2 * 4 + 1  # + Gromov/ReplaceMe
+    assert report["complete"] and len(report["rows"]) == 2 * 5 + 1  # + Gromov/ReplaceMe
     rows = {(r["method"], r["compensation"]): r for r in report["rows"]}
     assert rows[("gradmap", "none")]["passes"] == 2 * 3  # 2 of 6 layers, fwd + bwd each
     sleb = rows[("sleb", "none")]
@@ -39,7 +39,7 @@ def test_compare_methods_tiny(tmp_path, tiny_tokenizer):
     assert len(rows[("sleb", "none")]["removed"]) == 2
     with open(out / "compare.csv") as fh:
         flat = list(csv.DictReader(fh))
-    assert flat[0]["method"] == "dense" and len(flat) == 10
+    assert flat[0]["method"] == "dense" and len(flat) == 12
     assert any("full forwards as published" in s for s in report["summary"])
     # rerun: every row comes from the cache (selection wall times unchanged)
     before = {k: r["prune_seconds"] for k, r in rows.items()}
@@ -47,3 +47,5 @@ def test_compare_methods_tiny(tmp_path, tiny_tokenizer):
     again = {(r["method"], r["compensation"]): r["prune_seconds"]
              for r in json.loads((out / "compare.json").read_text())["rows"]}
     assert again == before
+    rows = {(r["method"], r["compensation"]): r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert rows[("gradmap-verify", "none")]["passes"] > rows[("gradmap", "none")]["passes"]

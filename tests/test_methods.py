@@ -279,7 +279,9 @@ def test_cli_prune_with_a_baseline(tmp_path, tiny_tokenizer, capsys):
     assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~umask)
     # options that a baseline would silently ignore are refused before any work
     for extra, message in ((["--metric", "taylor"], "--metric: applies to --method gradmap only"),
-                           (["--backend", "fused"], "--backend: applies to the gradient methods")):
+                           (["--backend", "fused"], "--backend: applies to the gradient methods"),
+                           (["--verify-top", "3"], "--verify-top: applies to --method gradmap only"),
+                           (["--method", "gradmap", "--verify-top", "-1"], "--verify-top: must be >= 0")):
         assert main(["prune", "--model", str(path), "--num-layers", "1", "--method", "sleb", "--text", str(text),
                      "--output", str(tmp_path / "x"), *extra]) == 2
         assert message in capsys.readouterr().err
@@ -288,3 +290,30 @@ def test_cli_prune_with_a_baseline(tmp_path, tiny_tokenizer, capsys):
     assert report["selection"]["forward_equivalent_passes"] == 1
     with pytest.raises(SystemExit):  # argparse refuses an unknown --method (exit status 2)
         main(["prune", "--model", str(path), "--num-layers", "1", "--method", "nope", "--output", str(tmp_path / "x")])
+
+
+def test_gradmap_verify_top_picks_the_lowest_loss_of_the_shortlist():
+    model, cal = constructed("llama", identity=3)
+    plain = select_layers(copy.deepcopy(model), cal, 1, method="gradmap")
+    shortlist = sorted(plain.steps[0].scores, key=plain.steps[0].scores.get)[:3]
+    assert 3 in shortlist  # the metric ranks the identity layer among its three least important
+    work = copy.deepcopy(model)
+    sel = select_layers(work, cal, 1, method="gradmap", verify_top=3)
+    verified = {int(k): v for k, v in sel.extra["verified"][0].items()}
+    assert sorted(verified) == sorted(shortlist)
+    losses, _ = leave_one_out_losses(model, cal)
+    for layer, nll in verified.items():
+        assert nll == pytest.approx(losses[layer], rel=1e-6)
+    assert sel.removed == [3] and verified[3] == min(verified.values())
+    assert verified[3] == pytest.approx(calibration_loss(model, cal), abs=1e-6)
+    assert 3 < sel.passes < 3 + 3  # one gradient step + three resumed forwards (each < 1 pass)
+    with pytest.raises(ValueError, match="verify_top"):
+        select_layers(copy.deepcopy(model), cal, 1, method="gradmap", verify_top=-1)
+
+
+def test_verify_top_is_refused_for_baselines():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="verify_top: applies to method 'gradmap' only"):
+        prune(model, random_calibration(4, 16), num_layers=1, method="sleb", verify_top=3, compensate_mode="none")
+    with pytest.raises(ValueError, match="verify_top: must be an integer"):
+        prune(model, random_calibration(4, 16), num_layers=1, verify_top=1.5, compensate_mode="none")

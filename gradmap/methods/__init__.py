@@ -47,7 +47,7 @@ def check_compensation(mode: str) -> str:
 
 def select_layers(model: nn.Module, calibration: Calibration, target: int, *, method: str = "gradmap",
                   metric: str = "grad_update_norm", protected=(), micro_batch: int = 8, backend: str = "hooks",
-                  progress: bool = False) -> Selection:
+                  progress: bool = False, verify_top: int = 0) -> Selection:
     """Select and remove ``target`` decoder layers of the dense ``model`` IN PLACE with ``method``.
 
     Args:
@@ -55,6 +55,8 @@ def select_layers(model: nn.Module, calibration: Calibration, target: int, *, me
         calibration: calibration windows, the same for every method.
         target: layers to remove (BlockPruner: the parameters of ``target`` layers, see :mod:`.blockpruner`).
         metric, backend: GradMAP's stage-1 metric and gradient-reduction backend (``gradmap`` only).
+        verify_top: GradMAP's loss check of its ``verify_top`` lowest-scored layers per decision (``gradmap`` only;
+            :func:`gradmap.pruning.select_iterative`).
         protected: original indices never removed.
 
     Returns:
@@ -67,7 +69,7 @@ def select_layers(model: nn.Module, calibration: Calibration, target: int, *, me
     common = dict(protected=protected, micro_batch=micro_batch)
     if method == "gradmap":
         return select_iterative(model, calibration, target, metric=metric, backend=backend, progress=progress,
-                                **common)
+                                verify_top=verify_top, **common)
     if method == "shortgpt":
         from .shortgpt import select_shortgpt
         return select_shortgpt(model, calibration, target, **common)
