@@ -28,7 +28,10 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> 
         FileExistsError: if it exists and ``overwrite`` is false.
         NotADirectoryError: if it exists as a file.
         PermissionError: if its parent cannot be created or written.
+        ValueError: if ``output_dir`` is empty.
     """
+    if not str(output_dir).strip():
+        raise ValueError("output_dir: empty path; give the directory to write the pruned checkpoint to")
     path = Path(output_dir).expanduser().absolute()
     if path.exists():
         if not path.is_dir():

@@ -20,10 +20,18 @@ log = logging.getLogger("gradmap")
 
 
 def _protected(value: str) -> list[int]:
+    """``--protected 0,29`` → ``[0, 29]``; empty items, non-integers and repeats are refused."""
+    parts = [v.strip() for v in value.split(",")]
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        if value.strip() == "" or any(p == "" for p in parts):
+            raise ValueError
+        indices = [int(p) for p in parts]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--protected: expected comma-separated layer indices, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,29, got {value!r}") from None
+    repeated = sorted({i for i in indices if indices.count(i) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"layer indices repeated: {repeated} in {value!r}")
+    return indices
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -229,7 +237,11 @@ def cmd_prune(args) -> int:
     if args.verify_top and args.method != "gradmap":
         raise ValueError(f"--verify-top: applies to --method gradmap only, not --method {args.method}")
     args.metric = args.metric or DEFAULT_METRIC
-    check_output_dir(args.output, args.overwrite)
+    try:
+        check_output_dir(args.output, args.overwrite)
+    except (ValueError, OSError) as exc:
+        raise type(exc)(str(exc).replace("output_dir:", "--output:", 1).replace("overwrite=True (--overwrite)",
+                                                                                  "--overwrite")) from None
     eval_text = None if args.no_eval else args.eval_text
     if not args.no_eval and args.eval_tokens not in (0, None) and args.eval_tokens < 2:
         raise ValueError(f"--eval-tokens: must be 0 (all tokens) or >= 2, got {args.eval_tokens}")
@@ -239,7 +251,7 @@ def cmd_prune(args) -> int:
         if text is not None and text != "wiki":
             try:
                 load_text(text, split)  # a missing or too short file fails now, not after the model has loaded
-            except (FileNotFoundError, ValueError) as exc:
+            except (FileNotFoundError, IsADirectoryError, ValueError) as exc:
                 raise type(exc)(f"{flag}: {str(exc).partition(': ')[2]}") from None
     limits = _model_limits(args)
     try:

@@ -89,7 +89,7 @@ def load_text(source: str | os.PathLike = WIKI, split: str = "calibration") -> s
 
     Raises:
         ValueError: for an unknown split, or a split of a user file that comes out empty.
-        FileNotFoundError: if the file does not exist.
+        FileNotFoundError: if the file does not exist. IsADirectoryError: if ``source`` is a directory.
     """
     if split not in SPLITS + ("all",):
         raise ValueError(f"split: {split!r} is not one of {SPLITS + ('all',)}")
@@ -99,6 +99,8 @@ def load_text(source: str | os.PathLike = WIKI, split: str = "calibration") -> s
         chosen = {"calibration": articles[:cut], "test": articles[cut:], "all": articles}[split]
         return "\n\n".join(a["text"] for a in chosen)
     path = Path(source)
+    if path.is_dir():
+        raise IsADirectoryError(f"text: {str(path)!r} is a directory; give a UTF-8 text file or {WIKI!r}")
     if not path.is_file():
         raise FileNotFoundError(f"text: file {str(path)!r} does not exist (give a text file or {WIKI!r})")
     text = path.read_text(encoding="utf-8")

@@ -87,7 +87,7 @@ PRUNE_CASES = [  # (flag overrides, message); every one must fail before the mod
     ({"--eval-text": "/nonexistent.txt", "--no-eval": None}, "--eval-text: file '/nonexistent.txt' does not exist"),
     ({"--eval-seqlen": "4096", "--no-eval": None}, "--eval-seqlen: 4096 exceeds the model's maximum sequence length"),
     ({"--eval-tokens": "1", "--no-eval": None}, "--eval-tokens: must be 0 (all tokens) or >= 2"),
-    ({"--output": "{root}/existing"}, "already exists; pass overwrite=True (--overwrite)"),
+    ({"--output": "{root}/existing"}, "--output: .* already exists; pass --overwrite"),
     ({"--output": "{unwritable}"}, "is not writable"),
 ]
 
@@ -377,3 +377,22 @@ def test_replaceme_compensation_passes_the_plan_check():
     assert check_prune_plan(limits, num_layers=2, nsamples=4, compensate="replaceme") == 2
     with pytest.raises(ValueError, match="compensate: 'nope' is not one of none, max-shift, every-gap, replaceme"):
         check_prune_plan(limits, num_layers=2, compensate="nope")
+
+
+def test_cli_refuses_protected_lists_with_gaps_or_repeats_and_empty_output(tmp_path, capsys):
+    from gradmap.cli import build_parser, main
+
+    for value in ("0,,1", "1,1", ",", "a"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["prune", "--ratio", "0.25", "--output", str(tmp_path / "o"),
+                                       "--protected", value])
+        assert "--protected" in capsys.readouterr().err
+    assert build_parser().parse_args(["prune", "--ratio", "0.25", "--output", "o", "--protected", "0, 29"]
+                                     ).protected == [0, 29]
+    assert main(["prune", "--ratio", "0.25", "--output", ""]) == 2
+    assert "gradmap: error: --output: empty path" in capsys.readouterr().err
+    assert main(["prune", "--ratio", "0.25", "--output", str(tmp_path), "--text", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--output:" in err and "already exists" in err and "--overwrite" in err
+    assert main(["prune", "--ratio", "0.25", "--output", str(tmp_path / "new"), "--text", str(tmp_path)]) == 2
+    assert f"gradmap: error: --text: {str(tmp_path)!r} is a directory" in capsys.readouterr().err
