@@ -24,10 +24,11 @@ Stage 2 on sandwich-norm families (Gemma2, Gemma3). There the layer output is ``
 output to ``R + N(M T)``: not linear in ``T``. The fit therefore targets the pre-norm direction: with the aligned dense
 state ``Y``, the wanted norm output is ``Y − R = Y − X + N(M)``; dividing by ``g`` and rescaling each token by
 ``rms(M_t)`` gives a pre-norm target ``Z_t = rms(M_t) · (Y_t − X_t + N(M)_t) ⊘ g`` (``Z = M`` exactly when there is
-no shift, so ``T = I`` is the zero-shift solution), and ``T`` minimises ``‖M T − Z‖² + α‖T‖²``. RMSNorm removes
-any per-token scale, so only the direction of ``M T`` matters and the approximation is that ``rms`` of the fitted
-output stays near ``rms(M)``. The held-out guard (:func:`gradmap.compensation.compensate`) then keeps the fold only
-if it lowers the held-out loss; otherwise the layer is left unchanged and the report says so.
+no shift, so ``T = I`` is the zero-shift solution), and ``T`` minimises ``‖M T − Z‖² + α‖T − I‖²`` (stage 2's
+identity prior). RMSNorm removes any per-token scale, so only the direction of ``M T`` matters and the approximation
+is that ``rms`` of the fitted output stays near ``rms(M)``. The cross-validation guard
+(:func:`gradmap.compensation.compensate`) then keeps the fold only if it lowers the cross-validated loss; otherwise the
+layer is left unchanged and the report says so.
 """
 
 from __future__ import annotations

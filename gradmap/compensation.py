@@ -15,11 +15,18 @@ tokens; the relative shift divides each term by :math:`\\|h^*_t\\|_2`.
 
 Fit (target as in ReplaceMe, arXiv 2505.02819 Eq. 4). With :math:`M` the down-projection output of layer p, :math:`X`
 its output hidden state and :math:`Y = h^*`, folding :math:`W_{down} \\leftarrow T^\\top W_{down}` turns the layer output
-into :math:`X - M + M T`; so :math:`T = \\arg\\min \\|M T - (Y - X + M)\\|^2 + \\alpha\\|T\\|^2`, solved by
-:func:`gradmap.projection.solve_ridge` with :math:`\\alpha = \\lambda\\,\\mathrm{mean}(\\mathrm{diag}(M^\\top M))`.
+into :math:`X - M + M T`; so :math:`T = \\arg\\min \\|M T - (Y - X + M)\\|^2 + \\alpha\\|T - I\\|^2`, solved by
+:func:`gradmap.projection.solve_ridge` (``prior="identity"``) with
+:math:`\\alpha = \\lambda\\,\\mathrm{mean}(\\mathrm{diag}(M^\\top M))`. Shrinking toward the identity (the no-op fold)
+rather than toward 0 is our choice, not the paper's: with few calibration tokens relative to the hidden size, a
+zero prior maps every direction the data does not excite to ~0, deleting the MLP output there.
 
-Safety: λ is chosen on held-out calibration windows among ``RIDGE_GRID`` (or fixed by the user), always against "no
-fold"; a fold is kept only if it lowers the held-out loss, otherwise the layer is left as it was and the report says so.
+Safety: λ is chosen by k-fold cross-validation over the calibration windows (``folds`` contiguous groups, default
+``min(4, nsamples)``) among ``RIDGE_GRID`` (or fixed by the user), always against "no fold". For each candidate, ``T``
+is fitted on all groups but one and the next-token loss is measured on the left-out group; the cross-validated loss
+sums over the groups. "No fold" scores the loss of the unfolded model on all windows. A fold is kept only if some λ
+has a lower cross-validated loss; then the final ``T`` is fitted on all windows with that λ. Otherwise the layer is
+left bit-identical and the report says so. Every window feeds the shifts, the selection and the final fit.
 """
 
 from __future__ import annotations
@@ -143,12 +150,7 @@ def mean_shifts(dense: nn.Module, pruned: nn.Module, kept: list[int], calibratio
 
 def heldout_loss(model: nn.Module, calibration: Calibration, micro_batch: int = 8) -> float:
     """Mean next-token cross-entropy (nats/token) of ``model`` on ``calibration`` (no grad)."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids, mask in calibration.batches(micro_batch):
-            loss, n = lm_loss_sum(model, ids, mask)
-            total += float(loss)
-            count += n
+    total, count = _loss_sum(model, calibration, micro_batch)
     return total / max(count, 1)
 
 
@@ -202,6 +204,41 @@ def fit_projection(dense: nn.Module, pruned: nn.Module, kept: list[int], positio
     return G, C, tokens
 
 
+def fit_projection_folds(dense: nn.Module, pruned: nn.Module, kept: list[int], position: int,
+                         folds: list[Calibration], *, micro_batch: int = 8,
+                         dense_targets: list[list[torch.Tensor]] | None = None
+                         ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """:func:`fit_projection` on each group of ``folds`` separately: the per-fold statistics of cross-validation.
+
+    ``G = Σ_k G_k`` and ``C = Σ_k C_k`` are the statistics of all windows; ``G − G_k``, ``C − C_k`` those of every
+    group but ``k``. Micro-batches never straddle two groups. ``dense_targets``, when given, holds for each group the
+    aligned dense states per micro-batch of that group (as :func:`fit_projection` takes them).
+
+    Returns:
+        ``(Gs, Cs, tokens)``: lists of fp64 ``[d, d]`` tensors (one per group, on the model's device; memory
+        ``2 · len(folds) · d² · 8`` bytes) and the number of real tokens over all groups.
+    """
+    Gs, Cs, tokens = [], [], 0
+    for k, part in enumerate(folds):
+        G, C, n = fit_projection(dense, pruned, kept, position, part, micro_batch=micro_batch,
+                                 dense_targets=None if dense_targets is None else dense_targets[k])
+        Gs.append(G)
+        Cs.append(C)
+        tokens += n
+    return Gs, Cs, tokens
+
+
+def _loss_sum(model: nn.Module, calibration: Calibration, micro_batch: int) -> tuple[float, int]:
+    """Summed next-token cross-entropy (nats) of ``model`` on ``calibration`` and the number of predicted tokens."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in calibration.batches(micro_batch):
+            loss, n = lm_loss_sum(model, ids, mask)
+            total += float(loss)
+            count += n
+    return total, count
+
+
 MAX_CONDITION = 1e10
 
 
@@ -240,7 +277,15 @@ def conditioned_ridge(G: torch.Tensor, ridge: float, max_condition: float = MAX_
 
 @dataclass
 class LayerFit:
-    """Outcome of compensating one kept layer (original index ``layer``)."""
+    """Outcome of compensating one kept layer (original index ``layer``).
+
+    The loss fields keep their historical names but hold cross-validated losses (mean next-token cross-entropy,
+    nats/token, over all calibration windows; :func:`compensate`): ``heldout_loss_before`` is the loss of the model
+    without this fold (earlier folds applied), ``heldout_loss_after`` the cross-validated loss of the chosen λ (equal
+    to ``heldout_loss_before`` when the fold is skipped), and ``candidates`` maps ``"none"`` and each tried λ
+    (formatted ``:g``, after any conditioning raise) to its cross-validated loss (NaN: the solve failed). ``ridge`` is
+    the λ of the applied fold (``None`` if skipped) and ``tokens`` the real tokens that fed the final fit.
+    """
 
     layer: int
     position: int
@@ -267,32 +312,54 @@ class CompensationResult:
     notes: list[str] = field(default_factory=list)
 
 
+DEFAULT_FOLDS = 4
+
+
+def _check_folds(folds, nsamples: int) -> int:
+    """``folds`` resolved (``None`` → ``min(DEFAULT_FOLDS, nsamples)``) and validated against ``nsamples``."""
+    if folds is None:
+        folds = min(DEFAULT_FOLDS, nsamples)
+    if isinstance(folds, bool) or not isinstance(folds, int) or not 2 <= folds <= nsamples:
+        raise ValueError(f"folds: need an int with 2 <= folds <= nsamples={nsamples}, got {folds!r}")
+    return folds
+
+
 def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration: Calibration, *,
-               mode: str = "every-gap", ridge: float | None = None, holdout: int | None = None,
+               mode: str = "every-gap", ridge: float | None = None, folds: int | None = None,
                micro_batch: int = 8, dense_cache_bytes: int = 2 << 30, progress: bool = False) -> CompensationResult:
     """Run stage 2 on ``pruned`` IN PLACE (``dense`` is only read).
+
+    For each layer to compensate: per-group Gram statistics (:func:`fit_projection_folds`); for each λ candidate and
+    each group ``k``, ``T_k = solve_ridge(G − G_k, C − C_k, λ, prior="identity")`` is folded in, the summed
+    next-token loss on group ``k`` is added up, and the weights are restored exactly; the cross-validated loss is the
+    total over the predicted tokens of all windows. The λ with the lowest loss wins against "no fold" (loss of the
+    unfolded model on all windows); if it wins, ``solve_ridge(G, C, λ, prior="identity")`` on all windows is folded.
+    Module docstring: alignment, target, safety.
 
     Args:
         dense: the unpruned model (same weights as before pruning).
         pruned: the pruned working model; its down projections are updated.
         kept: original index of each layer of ``pruned``.
-        calibration: calibration windows; the last ``holdout`` windows select λ and guard against harm, the rest
-            feed the Gram matrices.
+        calibration: calibration windows, split into ``folds`` contiguous groups (:meth:`Calibration.folds`); all
+            of them feed the shifts, the cross-validation and the final fit.
         mode: ``"none"``, ``"max-shift"`` (only the kept layer with the largest mean shift) or ``"every-gap"`` (the
             kept layer before each removed block, shallow to deep, each fit seeing the earlier folds).
-        ridge: relative ridge λ; ``None`` chooses from :data:`RIDGE_GRID` on the held-out windows.
-        holdout: held-out windows (default: max(1, nsamples // 8)).
+        ridge: relative ridge λ; ``None`` chooses from :data:`RIDGE_GRID` by cross-validation. A fixed λ is still
+            cross-validated against "no fold".
+        folds: number of cross-validation groups, an int with ``2 <= folds <= nsamples`` (default
+            ``min(4, nsamples)``). Each λ candidate costs one forward pass over all windows.
         dense_cache_bytes: if the aligned dense hidden states of every layer to compensate fit in this many bytes
             (CPU memory), they are kept from the mean-shift pass and the dense model runs once in total; otherwise the
             dense model is re-run (streamed) for each fit, so memory never grows with the number of tokens.
 
     Returns:
-        :class:`CompensationResult`.
+        :class:`CompensationResult`; its :class:`LayerFit` losses are cross-validated losses.
 
     Raises:
-        ValueError: unknown mode, negative/NaN ridge, fewer than 2 calibration windows when compensating, or a
-            Gram matrix with NaN/inf (fp16 overflow). An ill-conditioned Gram matrix is not an error: the ridge is
-            raised (:func:`conditioned_ridge`) and the raise is reported in ``notes``.
+        ValueError: unknown mode, negative/NaN ridge, fewer than 2 calibration windows when compensating, a bad
+            ``folds``, or a Gram matrix with NaN/inf (fp16 overflow). An ill-conditioned Gram matrix is not an error:
+            the ridge is raised (:func:`conditioned_ridge`, on the statistics of all windows) and the raise is
+            reported in ``notes``.
     """
     check_mode(mode)
     if ridge is not None and not (math.isfinite(ridge) and ridge >= 0):
@@ -302,19 +369,31 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
     if mode == "none":
         return result
     if calibration.nsamples < 2:
-        raise ValueError("calibration: stage 2 needs at least 2 windows (one is held out); raise nsamples")
-    holdout = holdout or max(1, calibration.nsamples // 8)
-    fit_set, held = calibration.split(holdout)
+        raise ValueError("calibration: stage 2 needs at least 2 windows (cross-validation holds one out); "
+                         "raise nsamples")
+    parts = calibration.folds(_check_folds(folds, calibration.nsamples))
     n_dense = len(get_adapter(dense).layers(dense))
     gaps = gap_positions(kept, n_dense)
     # The every-gap targets are known before the shifts: keep their dense states from the shift pass if they fit.
+    # Micro-batches are taken group by group everywhere, so the cached states line up with every later pass.
     hidden = pruned.config.hidden_size
     itemsize = next(dense.parameters()).element_size()
-    cache_need = fit_set.input_ids.numel() * hidden * itemsize * len(gaps)
-    targets = {p: [] for p in gaps} if mode == "every-gap" and cache_need <= dense_cache_bytes else None
-    shifts, rel = mean_shifts(dense, pruned, kept, fit_set, micro_batch=micro_batch, keep_targets=targets)
+    cache_need = calibration.input_ids.numel() * hidden * itemsize * len(gaps)
+    cache = mode == "every-gap" and cache_need <= dense_cache_bytes
+    targets: dict[int, list[list[torch.Tensor]]] | None = {p: [] for p in gaps} if cache else None
+    abs_sum = [0.0] * len(kept)
+    rel_sum = [0.0] * len(kept)
+    for part in parts:
+        keep = {p: [] for p in gaps} if cache else None
+        shifts, rel = mean_shifts(dense, pruned, kept, part, micro_batch=micro_batch, keep_targets=keep)
+        for p in range(len(kept)):  # per-group means back to sums: the overall mean over all real tokens
+            abs_sum[p] += shifts[p] * part.num_tokens
+            rel_sum[p] += rel[p] * part.num_tokens
+        for p, store in (keep or {}).items():
+            targets[p].append(store)
+    shifts = [v / calibration.num_tokens for v in abs_sum]
     result.shifts = dict(zip(kept, shifts))
-    result.relative_shifts = dict(zip(kept, rel))
+    result.relative_shifts = dict(zip(kept, [v / calibration.num_tokens for v in rel_sum]))
     if mode == "max-shift":
         positions = [max(range(len(kept)), key=lambda p: shifts[p])]
     else:
@@ -322,11 +401,22 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
         if kept[0] != 0:
             result.notes.append(f"layers 0..{kept[0] - 1} removed at the start: no kept layer before them to fold into")
     adapter = get_adapter(pruned)
-    base_loss = heldout_loss(pruned, held, micro_batch)
+
+    def cv_total(fold_sums) -> float:
+        total, count = map(sum, zip(*fold_sums))
+        return total / max(count, 1)
+
+    base_loss = None
     for position in tqdm(positions, desc="compensating", disable=not progress, leave=False):
         t0 = time.perf_counter()
-        G, C, tokens = fit_projection(dense, pruned, kept, position, fit_set, micro_batch=micro_batch,
-                                      dense_targets=targets.pop(position) if targets else None)
+        if base_loss is None:  # the model without this fold (earlier folds applied), on all windows
+            base_loss = cv_total([_loss_sum(pruned, part, micro_batch) for part in parts])
+        Gs, Cs, tokens = fit_projection_folds(dense, pruned, kept, position, parts, micro_batch=micro_batch,
+                                              dense_targets=targets.pop(position) if targets else None)
+        G, C = Gs[0].clone(), Cs[0].clone()
+        for Gk, Ck in zip(Gs[1:], Cs[1:]):
+            G += Gk
+            C += Ck
         if not (torch.isfinite(G).all() and torch.isfinite(C).all()):
             raise ValueError(f"stage 2: the Gram matrix of layer {kept[position]} holds NaN/inf: the activations "
                              "overflowed (float16?); rerun with dtype bfloat16 or float32, or compensate 'none'")
@@ -334,8 +424,15 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
         down = adapter.down_proj(layer)
         original_w = down.weight.detach().clone()
         original_b = down.bias.detach().clone() if down.bias is not None else None
+
+        def restore():
+            with torch.no_grad():
+                down.weight.copy_(original_w)
+                if original_b is not None:
+                    down.bias.copy_(original_b)
+
         candidates: dict[str, float] = {"none": base_loss}
-        best = ("none", base_loss, None)
+        best: tuple[str, float, float | None] = ("none", base_loss, None)
         raised: list[str] = []
         for requested in ((ridge,) if ridge is not None else RIDGE_GRID):
             lam, cond = conditioned_ridge(G, requested)
@@ -345,41 +442,60 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
                 continue
             if lam != requested:
                 raised.append(f"ridge {requested:g} raised to {lam:g} (Gram matrix condition number {cond:.3g})")
-            try:
-                T = solve_ridge(G, C, lam)
-            except torch.linalg.LinAlgError:
-                candidates[f"{lam:g}"] = float("nan")
+            key = f"{lam:g}"
+            if key in candidates:  # two requested ridges raised to the same λ: scored once
                 continue
-            if not torch.isfinite(T).all():
-                candidates[f"{lam:g}"] = float("nan")
+            fold_sums = []
+            for k, part in enumerate(parts):
+                try:
+                    T = solve_ridge(G - Gs[k], C - Cs[k], lam, prior="identity")
+                except torch.linalg.LinAlgError:
+                    break
+                if not torch.isfinite(T).all():
+                    break
+                adapter.fold_into_mlp_out_(layer, T)
+                try:
+                    fold_sums.append(_loss_sum(pruned, part, micro_batch))
+                finally:
+                    restore()
+            if len(fold_sums) < len(parts):
+                candidates[key] = float("nan")
                 continue
-            adapter.fold_into_mlp_out_(layer, T)
-            loss = heldout_loss(pruned, held, micro_batch)
-            candidates[f"{lam:g}"] = loss
+            loss = cv_total(fold_sums)
+            candidates[key] = loss
             if loss < best[1]:
-                best = (f"{lam:g}", loss, T)
-            with torch.no_grad():
-                down.weight.copy_(original_w)
-                if original_b is not None:
-                    down.bias.copy_(original_b)
-        applied = best[2] is not None
+                best = (key, loss, lam)
+        del Gs, Cs
         note = ""
         for r in raised:
             result.notes.append(f"layer {kept[position]}: ill-conditioned Gram matrix: {r}")
             logger.warning("stage 2: layer %d: ill-conditioned Gram matrix: %s", kept[position], r)
-        if applied:
-            adapter.fold_into_mlp_out_(layer, best[2])
+        T = None
+        if best[2] is not None:
+            try:
+                T = solve_ridge(G, C, best[2], prior="identity")
+            except torch.linalg.LinAlgError:
+                T = None
+            if T is not None and not torch.isfinite(T).all():
+                T = None
+            if T is None:
+                note = f"ridge {best[0]}: the solve on all windows failed: fold skipped, layer left unchanged"
         else:
-            note = "no ridge lowered the held-out loss: fold skipped, layer left unchanged"
+            note = "no ridge lowered the cross-validated loss: fold skipped, layer left unchanged"
+        applied = T is not None
+        if applied:
+            adapter.fold_into_mlp_out_(layer, T)
+        else:
             result.notes.append(f"layer {kept[position]}: {note}")
         fit = LayerFit(layer=kept[position], position=position,
                        aligned_dense_layer=aligned_dense_layer(kept, position, n_dense),
-                       ridge=float(best[0]) if applied else None, heldout_loss_before=base_loss,
-                       heldout_loss_after=best[1], candidates=candidates, applied=applied, tokens=tokens,
-                       seconds=time.perf_counter() - t0, note=note)
+                       ridge=best[2] if applied else None, heldout_loss_before=base_loss,
+                       heldout_loss_after=best[1] if applied else base_loss, candidates=candidates, applied=applied,
+                       tokens=tokens, seconds=time.perf_counter() - t0, note=note)
         result.fits.append(fit)
-        logger.info("stage 2: layer %d -> held-out loss %.4f -> %.4f (ridge %s)%s", fit.layer, base_loss, best[1],
-                    best[0], "" if applied else " [skipped]")
-        base_loss = best[1]
+        logger.info("stage 2: layer %d -> cross-validated loss %.4f -> %.4f (ridge %s)%s", fit.layer, base_loss,
+                    fit.heldout_loss_after, best[0] if applied else "none", "" if applied else " [skipped]")
+        if applied:
+            base_loss = None  # the next layer's "no fold" baseline includes this fold: measured again
     result.seconds = time.perf_counter() - start
     return result

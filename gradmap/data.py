@@ -186,6 +186,30 @@ class Calibration:
         return (Calibration(self.input_ids[:k], self.attention_mask[:k], dict(self.spec, part="fit")),
                 Calibration(self.input_ids[k:], self.attention_mask[k:], dict(self.spec, part="holdout")))
 
+    def folds(self, k: int) -> list["Calibration"]:
+        """Split the windows into ``k`` contiguous groups, in order, for k-fold cross-validation.
+
+        Sizes differ by at most one: the first ``nsamples % k`` groups hold one window more. The groups are views of
+        this set's tensors (no copy); ``spec`` gains ``part="fold i/k"``.
+
+        Raises:
+            ValueError: ``k`` not an int with ``1 <= k <= nsamples``, or a group with fewer than 2 real tokens
+                (heavily padded windows; use fewer groups).
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.nsamples:
+            raise ValueError(f"folds: need an int with 1 <= k <= nsamples={self.nsamples}, got {k!r}")
+        size, extra = divmod(self.nsamples, k)
+        parts, start = [], 0
+        for i in range(k):
+            stop = start + size + (1 if i < extra else 0)
+            mask = self.attention_mask[start:stop]
+            if int(mask.sum()) < 2:
+                raise ValueError(f"folds: group {i} (windows {start}..{stop - 1}) has fewer than 2 real tokens; "
+                                 "use fewer folds")
+            parts.append(Calibration(self.input_ids[start:stop], mask, dict(self.spec, part=f"fold {i}/{k}")))
+            start = stop
+        return parts
+
 
 def build_calibration(tokenizer, text: str, *, nsamples: int = 32, seqlen: int = 256, seed: int = 0,
                       source: str = WIKI, max_length: int | None = None) -> Calibration:

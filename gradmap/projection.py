@@ -10,7 +10,9 @@ Problem (GradMAP stage 2, arXiv 2602.14649 Sec. 3; closed form as in ReplaceMe, 
 :math:`M` are the down-projection outputs of the compensated layer and the rows of :math:`R` the targets, over all
 calibration tokens. The minimiser is :math:`T = (M^\\top M + \\alpha I)^{-1} M^\\top R`, computed from the Gram matrix
 :math:`G = M^\\top M` and the cross term :math:`C = M^\\top R`, accumulated in fp64 one micro-batch at a time (memory
-independent of the token count).
+independent of the token count). Stage 2 (:func:`gradmap.compensation.compensate`) instead penalises
+:math:`\\alpha \\|T - I\\|_F^2` (``solve_ridge(..., prior="identity")``), shrinking toward the no-op fold; that is our
+choice, not the paper's.
 """
 
 from __future__ import annotations
@@ -66,28 +68,54 @@ def gram_accumulate_reference(G: torch.Tensor, C: torch.Tensor, X: torch.Tensor,
     C.addmm_(Xa.T, Y.to(C.dtype))
 
 
-def solve_ridge(G: torch.Tensor, C: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Solve ``(G + αI) T = C`` with ``α = ridge · mean(diag(G))`` (ridge relative to the mean Gram diagonal).
+PRIORS = ("zero", "identity")
+
+
+def solve_ridge(G: torch.Tensor, C: torch.Tensor, ridge: float, *, prior: str = "zero") -> torch.Tensor:
+    """Ridge solve from the Gram statistics, with the ridge relative to the mean Gram diagonal.
+
+    With ``α = ridge · mean(diag(G))``:
+
+    - ``prior="zero"`` (default): ``T = argmin ‖M T − R‖² + α‖T‖²``, i.e. ``(G + αI) T = C``. This is ReplaceMe's
+      Eq. 4 (arXiv 2505.02819), used by :mod:`gradmap.methods.replaceme`.
+    - ``prior="identity"``: ``T = argmin ‖M T − R‖² + α‖T − I‖²``, i.e. ``(G + αI) T = C + αI``. ``T`` shrinks toward
+      the identity, the no-op fold, instead of toward 0: a direction that the calibration data does not excite keeps
+      its MLP output rather than being deleted. As ``α → ∞``, ``T → I``; with no data (``G = 0``, so ``C = 0`` too)
+      and ``ridge > 0``, ``T = I`` exactly. This prior is our choice for GradMAP's stage 2
+      (:func:`gradmap.compensation.compensate`), not taken from the GradMAP paper (arXiv 2602.14649), which does
+      not specify the regulariser. With ``ridge = 0`` the prior has no effect.
 
     Args:
-        G: ``[d, d]`` symmetric PSD Gram matrix (fp64).
-        C: ``[d, e]`` cross term.
+        G: ``[d, d]`` symmetric PSD Gram matrix ``MᵀM`` (any float dtype; solved in fp64).
+        C: ``[d, e]`` cross term ``MᵀR``; ``[d, d]`` for ``prior="identity"``.
         ridge: relative ridge strength λ ≥ 0.
+        prior: ``"zero"`` or ``"identity"`` (keyword only).
 
     Returns:
-        ``T``: ``[d, e]`` fp64.
+        ``T``: ``[d, e]`` fp64, on ``G``'s device.
 
     Raises:
-        ValueError: if ``G`` or ``C`` holds NaN/inf (overflowed activations), or ``ridge`` < 0.
+        ValueError: if ``G`` or ``C`` holds NaN/inf (overflowed activations), ``ridge`` < 0, ``prior`` is not one of
+            :data:`PRIORS`, or ``prior="identity"`` with ``C`` not ``[d, d]``.
         torch.linalg.LinAlgError: if ``G + αI`` is singular (use a larger ridge).
     """
+    if prior not in PRIORS:
+        raise ValueError(f"prior: {prior!r} is not one of {', '.join(repr(p) for p in PRIORS)}")
     if ridge < 0:
         raise ValueError(f"ridge: must be >= 0, got {ridge}")
+    if prior == "identity" and (C.dim() != 2 or C.shape[0] != C.shape[1] or C.shape[0] != G.shape[0]):
+        raise ValueError(f"C: prior='identity' needs a square [{G.shape[0]}, {G.shape[0]}] cross term, "
+                         f"got {tuple(C.shape)}")
     if not (torch.isfinite(G).all() and torch.isfinite(C).all()):
         raise ValueError("Gram matrix holds NaN/inf: activations overflowed (use bfloat16 or float32, not float16)")
     G64, C64 = G.double(), C.double()
-    alpha = ridge * float(torch.diagonal(G64).mean())
-    A = G64 + alpha * torch.eye(G64.shape[0], dtype=G64.dtype, device=G64.device)
+    eye = torch.eye(G64.shape[0], dtype=G64.dtype, device=G64.device)
+    scale = float(torch.diagonal(G64).mean())
+    if prior == "identity":
+        if ridge > 0 and scale <= 0:  # no data: the prior alone decides (the relative α would be 0)
+            return eye
+        C64 = C64 + ridge * scale * eye
+    A = G64 + ridge * scale * eye
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         return torch.cholesky_solve(C64, L)

@@ -1,4 +1,4 @@
-"""Stage 2: alignment, streamed fit against a materialised least-squares solve, held-out guard, modes."""
+"""Stage 2: alignment, streamed fit against a materialised least-squares solve, cross-validation guard, modes."""
 
 import copy
 
@@ -8,8 +8,9 @@ import torch
 import gradmap.compensation as comp_mod
 from conftest import random_calibration, tiny_model
 from gradmap.adapters import get_adapter
-from gradmap.compensation import (aligned_dense_layer, compensate, fit_projection, gap_positions, heldout_loss,
-                                  mean_shifts)
+from gradmap.compensation import (RIDGE_GRID, aligned_dense_layer, compensate, fit_projection, fit_projection_folds,
+                                  gap_positions, heldout_loss, mean_shifts)
+from gradmap.scoring import lm_loss_sum
 from gradmap.projection import solve_ridge
 from gradmap.removal import remove_layers
 
@@ -78,31 +79,40 @@ def test_mean_shift_hand_computed():
 
 
 @pytest.mark.parametrize("mode", ["max-shift", "every-gap"])
-def test_compensate_lowers_heldout_loss_and_keeps_dense(mode):
+def test_compensate_lowers_cv_loss_and_keeps_dense(mode):
     dense, pruned, kept = _pruned(drop=(1, 4))  # kept 0, 2, 3, 5: gaps after 0 and 3
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
     cal = random_calibration(nsamples=8, seqlen=16, seed=3)
-    _, held = cal.split(1)
-    before = heldout_loss(pruned, held)
-    result = compensate(dense, pruned, kept, cal, mode=mode, holdout=1)
-    after = heldout_loss(pruned, held)
-    assert after <= before
+    before = heldout_loss(pruned, cal, micro_batch=2)
+    result = compensate(dense, pruned, kept, cal, mode=mode, folds=4, micro_batch=2)
     assert set(result.shifts) == set(kept)
     expected_layers = [0, 3] if mode == "every-gap" else [max(result.shifts, key=result.shifts.get)]
     assert [f.layer for f in result.fits] == expected_layers
-    assert result.fits[-1].heldout_loss_after == pytest.approx(after, rel=1e-6)
+    # "none" of the first layer = the unfolded model on all windows (same micro-batches: 4 folds of 2 windows)
+    assert result.fits[0].heldout_loss_before == pytest.approx(before, rel=1e-6)
+    assert result.fits[0].applied
+    for f in result.fits:
+        assert f.heldout_loss_after <= f.heldout_loss_before
+        assert f.candidates["none"] == f.heldout_loss_before
+        if f.applied:
+            assert f.heldout_loss_after == min(v for v in f.candidates.values() if v == v)
+            assert f.tokens == 8 * 16
     for k, v in dense.state_dict().items():
         assert torch.equal(v, dense_state[k])
 
 
 def test_harmful_fold_is_skipped(monkeypatch):
-    """A projection that raises the held-out loss is not applied; the layer is unchanged and the report says so."""
+    """A projection that raises the cross-validated loss is not applied; the layer is bit-identical, report says so."""
     dense, pruned, kept = _pruned()
     cal = random_calibration(nsamples=4, seqlen=12)
     before = {k: v.clone() for k, v in pruned.state_dict().items()}
-    monkeypatch.setattr(comp_mod, "solve_ridge", lambda G, C, lam: -5.0 * torch.eye(G.shape[0], dtype=G.dtype))
-    result = compensate(dense, pruned, kept, cal, mode="every-gap", holdout=1)
+    monkeypatch.setattr(comp_mod, "solve_ridge",
+                        lambda G, C, lam, **kw: -5.0 * torch.eye(G.shape[0], dtype=G.dtype))
+    result = compensate(dense, pruned, kept, cal, mode="every-gap", folds=2)
     assert all(not f.applied for f in result.fits) and result.fits
+    for f in result.fits:
+        assert f.ridge is None and f.heldout_loss_after == f.heldout_loss_before
+        assert all(v > f.candidates["none"] for k, v in f.candidates.items() if k != "none")
     assert any("fold skipped" in n for n in result.notes)
     for k, v in pruned.state_dict().items():
         assert torch.equal(v, before[k])
@@ -126,10 +136,71 @@ def test_dense_cache_gives_same_folds():
         dense, pruned, kept = _pruned(drop=(1, 4))
         runs = []
         dense.model.embed_tokens.register_forward_hook(lambda *a: runs.append(1))
-        compensate(dense, pruned, kept, cal, mode="every-gap", holdout=1, micro_batch=2, dense_cache_bytes=budget)
+        compensate(dense, pruned, kept, cal, mode="every-gap", folds=3, micro_batch=2, dense_cache_bytes=budget)
         results.append(pruned.state_dict())
         dense_runs.append(len(runs))
-    # 5 fit windows in micro-batches of 2 = 3 dense forwards for the shifts, plus 3 per gap (2 gaps) when streamed
+    # 6 windows in 3 folds of 2, micro-batches of 2 = 3 dense forwards for the shifts, plus 3 per gap (2 gaps) when
+    # streamed; the cross-validation only runs the pruned model
     assert dense_runs == [9, 3]
     for k in results[0]:
         torch.testing.assert_close(results[0][k], results[1][k], rtol=0, atol=0)
+
+
+def test_fold_statistics_sum_to_single_pass():
+    """Per-fold Gram statistics add up to the single-pass G, C (same micro-batches: folds of 2, micro-batch 2)."""
+    dense, pruned, kept = _pruned()
+    cal = random_calibration(nsamples=6, seqlen=12, seed=2, pad_last=4)
+    Gs, Cs, tokens = fit_projection_folds(dense, pruned, kept, 1, cal.folds(3), micro_batch=2)
+    G, C, n = fit_projection(dense, pruned, kept, 1, cal, micro_batch=2)
+    assert len(Gs) == len(Cs) == 3 and tokens == n == cal.num_tokens
+    assert all(g.dtype == torch.float64 for g in Gs + Cs)
+    torch.testing.assert_close(sum(Gs), G, rtol=1e-10, atol=1e-10 * float(G.abs().max()))
+    torch.testing.assert_close(sum(Cs), C, rtol=1e-10, atol=1e-10 * float(C.abs().max()))
+
+
+def test_cv_losses_and_final_fold_by_hand():
+    """Each candidate's CV loss is the sum over folds of the loss of the fold-k fit on fold k; the applied T is
+    solve_ridge(G, C, λ, prior="identity") on all windows."""
+    dense, pruned, kept = _pruned()  # layers 2, 3 removed: one gap, after kept position 1
+    manual = copy.deepcopy(pruned)
+    cal = random_calibration(nsamples=8, seqlen=16, seed=5, pad_last=3)
+    result = compensate(dense, pruned, kept, cal, mode="every-gap", folds=4, micro_batch=2)
+    (fit,) = result.fits
+    assert fit.applied and fit.ridge in RIDGE_GRID and fit.tokens == cal.num_tokens
+    adapter = get_adapter(manual)
+    layer = adapter.layers(manual)[1]
+    down = adapter.down_proj(layer)
+    original = down.weight.detach().clone()
+    parts = cal.folds(4)
+    Gs, Cs, _ = fit_projection_folds(dense, manual, kept, 1, parts, micro_batch=2)
+    G, C = sum(Gs), sum(Cs)
+    for lam in RIDGE_GRID:
+        total, count = 0.0, 0
+        for k, part in enumerate(parts):
+            adapter.fold_into_mlp_out_(layer, solve_ridge(G - Gs[k], C - Cs[k], lam, prior="identity"))
+            with torch.no_grad():
+                for ids, mask in part.batches(2):
+                    loss, m = lm_loss_sum(manual, ids, mask)
+                    total, count = total + float(loss), count + m
+                down.weight.copy_(original)
+        assert fit.candidates[f"{lam:g}"] == pytest.approx(total / count, rel=1e-6)
+    assert fit.heldout_loss_after == min(fit.candidates.values()) < fit.heldout_loss_before
+    assert fit.candidates[f"{fit.ridge:g}"] == fit.heldout_loss_after
+    adapter.fold_into_mlp_out_(layer, solve_ridge(G, C, fit.ridge, prior="identity"))
+    torch.testing.assert_close(adapter.down_proj(adapter.layers(pruned)[1]).weight, down.weight, rtol=0, atol=1e-5)
+    assert not torch.allclose(down.weight, original, atol=1e-3)  # the fold did change the layer
+    for p in (0, 2, 3):  # the other layers are untouched
+        assert torch.equal(adapter.down_proj(adapter.layers(pruned)[p]).weight,
+                           adapter.down_proj(adapter.layers(manual)[p]).weight)
+
+
+def test_folds_validation():
+    dense, pruned, kept = _pruned()
+    cal = random_calibration(nsamples=4)
+    for bad in (1, 5, 0, 2.0, True):
+        with pytest.raises(ValueError, match=r"folds: need an int with 2 <= folds <= nsamples=4, got"):
+            compensate(dense, pruned, kept, cal, mode="every-gap", folds=bad)
+    with pytest.raises(ValueError, match="at least 2 windows"):  # nsamples < 2 keeps its own error
+        compensate(dense, pruned, kept, random_calibration(nsamples=1), mode="every-gap", folds=2)
+    result = compensate(dense, pruned, kept, random_calibration(nsamples=3), mode="max-shift")  # default min(4, 3)
+    assert len(result.fits) == 1 and result.fits[0].tokens == 3 * 16

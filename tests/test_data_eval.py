@@ -106,3 +106,28 @@ def test_perplexity_errors():
 def test_calibration_validation():
     with pytest.raises(ValueError, match="fewer than 2 real tokens"):
         Calibration(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_calibration_folds_contiguous_cover_all():
+    cal = random_calibration(nsamples=7, seqlen=6, pad_last=2)
+    parts = cal.folds(3)
+    assert [p.nsamples for p in parts] == [3, 2, 2]  # sizes differ by at most one, the larger first
+    assert torch.equal(torch.cat([p.input_ids for p in parts]), cal.input_ids)  # contiguous, in order, all windows
+    assert torch.equal(torch.cat([p.attention_mask for p in parts]), cal.attention_mask)
+    assert sum(p.num_tokens for p in parts) == cal.num_tokens
+    assert [p.spec["part"] for p in parts] == ["fold 0/3", "fold 1/3", "fold 2/3"]
+    assert [p.nsamples for p in cal.folds(7)] == [1] * 7
+    assert [p.nsamples for p in cal.folds(4)] == [2, 2, 2, 1]
+    (whole,) = cal.folds(1)
+    assert torch.equal(whole.input_ids, cal.input_ids)
+
+
+def test_calibration_folds_errors():
+    cal = random_calibration(nsamples=4, seqlen=6)
+    for bad in (0, 5, 2.0, True, "2"):
+        with pytest.raises(ValueError, match=r"folds: need an int with 1 <= k <= nsamples=4, got"):
+            cal.folds(bad)
+    ids = torch.full((2, 4), 5)
+    sparse = Calibration(ids, torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]]))
+    with pytest.raises(ValueError, match=r"folds: group 1 \(windows 1\.\.1\) has fewer than 2 real tokens"):
+        sparse.folds(2)

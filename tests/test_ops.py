@@ -247,7 +247,7 @@ def _stage2(family):
 
     Returns the Gram matrix of kept position 1, the down_proj weight of that layer after folding its ridge solution
     (λ = 1e-3, applied unconditionally), and every down_proj weight after the full :func:`compensate` (which may keep
-    or skip the fold by its held-out guard) on a fresh copy.
+    or skip the fold by its cross-validation guard, 4 folds) on a fresh copy.
     """
     dense = tiny_model(family)
     cal = random_calibration(nsamples=6, seqlen=16)
@@ -260,7 +260,7 @@ def _stage2(family):
     proj_mod.fold_projection_(down.weight, comp_mod.solve_ridge(G, C, 1e-3), down.bias)
     full = copy.deepcopy(dense)
     remove_layers(full, [2, 3])
-    comp_mod.compensate(dense, full, kept, cal, mode="every-gap", ridge=1e-3, holdout=1)
+    comp_mod.compensate(dense, full, kept, cal, mode="every-gap", ridge=1e-3)
     adapter = get_adapter(full)
     return G, down.weight.detach().clone(), [adapter.down_proj(layer).weight.detach().clone() for layer in
                                              adapter.layers(full)]

@@ -29,6 +29,44 @@ def test_ridge_hand_computed():
     assert solve_ridge(G, C, 1.0).item() == pytest.approx(2.0 / 8.0)
 
 
+def test_identity_prior_hand_computed():
+    """2x2: G = [[3, 1], [1, 2]] (mean diagonal 2.5), ridge 0.4 -> alpha = 1; (G + I) T = C + I."""
+    G = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    C = torch.tensor([[1.0, 0.0], [2.0, 1.0]], dtype=torch.float64)
+    # A = [[4, 1], [1, 3]], A^-1 = [[3, -1], [-1, 4]] / 11, C + I = [[2, 0], [2, 2]]
+    want = torch.tensor([[4.0, -2.0], [6.0, 8.0]], dtype=torch.float64) / 11
+    torch.testing.assert_close(solve_ridge(G, C, 0.4, prior="identity"), want, rtol=1e-12, atol=1e-14)
+    # the zero prior on the same data: A^-1 C = [[1, -1], [7, 4]] / 11
+    torch.testing.assert_close(solve_ridge(G, C, 0.4), torch.tensor([[1.0, -1.0], [7.0, 4.0]],
+                                                                    dtype=torch.float64) / 11, rtol=1e-12, atol=1e-14)
+
+
+def test_identity_prior_equals_augmented_least_squares():
+    """min ||M T - R||^2 + alpha ||T - I||^2 = least squares on [M; sqrt(alpha) I] T = [R; sqrt(alpha) I]."""
+    g = torch.Generator().manual_seed(3)
+    d, n, lam = 6, 4, 0.05  # fewer tokens than dimensions: G is singular, the prior fills the gap
+    M = torch.randn(n, d, generator=g, dtype=torch.float64)
+    R = torch.randn(n, d, generator=g, dtype=torch.float64)
+    G, C = M.T @ M, M.T @ R
+    alpha = lam * torch.diagonal(G).mean()
+    eye = torch.eye(d, dtype=torch.float64)
+    want = torch.linalg.lstsq(torch.cat([M, alpha.sqrt() * eye]), torch.cat([R, alpha.sqrt() * eye])).solution
+    torch.testing.assert_close(solve_ridge(G, C, lam, prior="identity"), want, rtol=1e-9, atol=1e-10)
+
+
+def test_identity_prior_limits():
+    g = torch.Generator().manual_seed(4)
+    M = torch.randn(10, 5, generator=g, dtype=torch.float64)
+    R = torch.randn(10, 5, generator=g, dtype=torch.float64)
+    eye = torch.eye(5, dtype=torch.float64)
+    # alpha -> inf: T - I = (G + alpha I)^-1 (C - G), of order |C - G| / alpha ~ 1e-12 here
+    torch.testing.assert_close(solve_ridge(M.T @ M, M.T @ R, 1e12, prior="identity"), eye, rtol=0, atol=1e-9)
+    zero = torch.zeros(5, 5, dtype=torch.float64)
+    for ridge in (1e-8, 1e-3, 1.0):  # no data: exactly the identity (the no-op fold)
+        assert torch.equal(solve_ridge(zero, zero, ridge, prior="identity"), eye)
+    assert torch.equal(solve_ridge(zero.float(), zero.float(), 0.1, prior="identity"), eye)  # fp64 out
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
 def test_fold_equals_runtime_projection(dtype, tol):
     g = torch.Generator().manual_seed(1)
@@ -50,5 +88,10 @@ def test_errors():
         solve_ridge(torch.full((2, 2), float("inf")), torch.zeros(2, 2), 0.1)
     with pytest.raises(ValueError, match="ridge: must be >= 0"):
         solve_ridge(torch.eye(2), torch.zeros(2, 2), -1.0)
+    with pytest.raises(ValueError, match="prior: 'ones' is not one of 'zero', 'identity'"):
+        solve_ridge(torch.eye(2), torch.zeros(2, 2), 0.1, prior="ones")
+    with pytest.raises(ValueError, match=r"C: prior='identity' needs a square \[2, 2\] cross term, got \(2, 3\)"):
+        solve_ridge(torch.eye(2), torch.zeros(2, 3), 0.1, prior="identity")
+    assert solve_ridge(torch.eye(2), torch.zeros(2, 3), 0.1).shape == (2, 3)  # the zero prior takes any [d, e]
     with pytest.raises(ValueError, match="X, Y"):
         gram_accumulate_(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(3, 2), torch.zeros(4, 2))

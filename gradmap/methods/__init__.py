@@ -95,7 +95,7 @@ def run_compensation(dense: nn.Module, pruned: nn.Module, kept: list[int], calib
     """Compensate ``pruned`` IN PLACE with ``mode`` (one of :data:`COMPENSATIONS`); ``dense`` is only read.
 
     ``none`` returns an empty result; ``max-shift`` / ``every-gap`` run GradMAP stage 2
-    (:func:`gradmap.compensation.compensate`, λ chosen on held-out windows unless ``ridge`` is given);
+    (:func:`gradmap.compensation.compensate`, λ chosen by k-fold cross-validation unless ``ridge`` is given);
     ``replaceme`` runs :func:`gradmap.methods.replaceme.replaceme_compensate`.
     """
     check_compensation(mode)

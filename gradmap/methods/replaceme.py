@@ -11,11 +11,12 @@ accumulated in fp64 and folded as :math:`W_{down} \\leftarrow T^\\top W_{down}` 
 angular-distance block (:mod:`gradmap.methods.gromov`), i.e. one cut. Here it applies to every removed block (every
 gap, shallow to deep, each fit seeing the earlier folds), which is exactly ReplaceMe for one contiguous block.
 
-Unlike GradMAP's stage 2 (:func:`gradmap.compensation.compensate`), nothing is held out: all calibration windows feed
-the fit, the ridge is fixed (:data:`REPLACEME_RIDGE`, relative to the mean diagonal of :math:`M^\\top M`, as in
-:func:`gradmap.projection.solve_ridge`) and the fold is always applied. The statistics, solve and fold reuse
-:func:`gradmap.compensation.fit_projection`, :func:`gradmap.projection.solve_ridge` and
-:func:`gradmap.projection.fold_projection_`.
+Unlike GradMAP's stage 2 (:func:`gradmap.compensation.compensate`, which cross-validates λ and shrinks ``T`` toward
+the identity), nothing is held out: all calibration windows feed the fit, the ridge penalises :math:`\\|T\\|^2` as in
+Eq. 4 (``solve_ridge``'s default ``prior="zero"``), it is fixed (:data:`REPLACEME_RIDGE`, relative to the mean
+diagonal of :math:`M^\\top M`, as in :func:`gradmap.projection.solve_ridge`) and the fold is always applied. The
+statistics, solve and fold reuse :func:`gradmap.compensation.fit_projection`, :func:`gradmap.projection.solve_ridge`
+and :func:`gradmap.projection.fold_projection_`.
 """
 
 from __future__ import annotations
