@@ -136,7 +136,7 @@ def prune(model: nn.Module, calibration: Calibration, *, num_layers: int | None 
         metric: stage-1 metric, one of :data:`gradmap.scoring.METRICS` (``method="gradmap"`` only).
         compensate_mode: ``"none"``, ``"max-shift"``, ``"every-gap"`` (GradMAP stage 2) or ``"replaceme"``
             (ReplaceMe's closed-form T, :mod:`gradmap.methods.replaceme`).
-        ridge: relative ridge for stage 2 (``None``: chosen on held-out calibration windows).
+        ridge: relative ridge for stage 2 (``None``: chosen by k-fold cross-validation on the calibration windows).
         protected: original layer indices never removed.
         micro_batch: calibration windows per forward/backward.
         eval_tokens: LongTensor ``[num_tokens]`` of test text; when given, PPL of the dense, pruned and compensated

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"compensation: GradMAP stage 2 (max-shift, every-gap), ReplaceMe's T (replaceme) or none "
                         f"(default {DEFAULT_COMPENSATION})")
     p.add_argument("--ridge", type=float, default=None,
-                   help="relative ridge for stage 2 (default: chosen on held-out calibration windows)")
+                   help="relative ridge for stage 2 (default: chosen by k-fold cross-validation on the calibration windows)")
     p.add_argument("--protected", type=_protected, default=[], help="comma-separated layer indices never removed")
     p.add_argument("--backend", default="hooks", choices=("hooks", "fused"),
                    help="weight-metric gradient reduction: hooks (default) or fused (Triton on CUDA; no dW stored)")

@@ -25,13 +25,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 
 
 def check_ridge(ridge: float | None, name: str = "ridge") -> None:
-    """Accept ``None`` (chosen on held-out windows) or a finite number >= 0.
+    """Accept ``None`` (chosen by cross-validation) or a finite number >= 0.
 
     Raises:
         ValueError: for a negative, NaN or infinite ridge.
     """
     if ridge is not None and not (isinstance(ridge, (int, float)) and math.isfinite(ridge) and ridge >= 0):
-        raise ValueError(f"{name}: must be a finite number >= 0 (or unset: chosen on held-out windows), got {ridge}")
+        raise ValueError(f"{name}: must be a finite number >= 0 (or unset: chosen by cross-validation), got {ridge}")
 
 
 def check_positive(value: int, name: str, minimum: int = 1) -> None:

@@ -44,12 +44,15 @@ def _capture_all(model, ids, mask):
     return outs, downs
 
 
-def test_fit_equals_materialised_least_squares():
+@pytest.mark.parametrize("skip_first", [0, 1, 3])
+def test_fit_equals_materialised_least_squares(skip_first):
     dense, pruned, kept = _pruned()
     cal = random_calibration(nsamples=4, seqlen=12, pad_last=4)
     position = 1  # kept layer 1 is followed by removed 2, 3: aligned dense layer 3
-    G, C, tokens = fit_projection(dense, pruned, kept, position, cal, micro_batch=3)
-    real = cal.attention_mask.bool().flatten()
+    G, C, tokens = fit_projection(dense, pruned, kept, position, cal, micro_batch=3, skip_first=skip_first)
+    used = cal.attention_mask.clone()
+    used[:, :skip_first] = 0  # the first positions of every window are context only
+    real = used.bool().flatten()
     d_out, _ = _capture_all(dense, cal.input_ids, cal.attention_mask)
     p_out, p_down = _capture_all(pruned, cal.input_ids, cal.attention_mask)
     M = p_down[position].flatten(0, 1)[real].double()
@@ -96,7 +99,7 @@ def test_compensate_lowers_cv_loss_and_keeps_dense(mode):
         assert f.candidates["none"] == f.heldout_loss_before
         if f.applied:
             assert f.heldout_loss_after == min(v for v in f.candidates.values() if v == v)
-            assert f.tokens == 8 * 16
+            assert f.tokens == 8 * 15  # SKIP_FIRST = 1 position of each window left out of the fit
     for k, v in dense.state_dict().items():
         assert torch.equal(v, dense_state[k])
 
@@ -152,7 +155,7 @@ def test_fold_statistics_sum_to_single_pass():
     cal = random_calibration(nsamples=6, seqlen=12, seed=2, pad_last=4)
     Gs, Cs, tokens = fit_projection_folds(dense, pruned, kept, 1, cal.folds(3), micro_batch=2)
     G, C, n = fit_projection(dense, pruned, kept, 1, cal, micro_batch=2)
-    assert len(Gs) == len(Cs) == 3 and tokens == n == cal.num_tokens
+    assert len(Gs) == len(Cs) == 3 and tokens == n == cal.num_tokens - cal.nsamples
     assert all(g.dtype == torch.float64 for g in Gs + Cs)
     torch.testing.assert_close(sum(Gs), G, rtol=1e-10, atol=1e-10 * float(G.abs().max()))
     torch.testing.assert_close(sum(Cs), C, rtol=1e-10, atol=1e-10 * float(C.abs().max()))
@@ -166,7 +169,7 @@ def test_cv_losses_and_final_fold_by_hand():
     cal = random_calibration(nsamples=8, seqlen=16, seed=5, pad_last=3)
     result = compensate(dense, pruned, kept, cal, mode="every-gap", folds=4, micro_batch=2)
     (fit,) = result.fits
-    assert fit.applied and fit.ridge in RIDGE_GRID and fit.tokens == cal.num_tokens
+    assert fit.applied and fit.ridge in RIDGE_GRID and fit.tokens == cal.num_tokens - cal.nsamples
     adapter = get_adapter(manual)
     layer = adapter.layers(manual)[1]
     down = adapter.down_proj(layer)
@@ -203,4 +206,4 @@ def test_folds_validation():
     with pytest.raises(ValueError, match="at least 2 windows"):  # nsamples < 2 keeps its own error
         compensate(dense, pruned, kept, random_calibration(nsamples=1), mode="every-gap", folds=2)
     result = compensate(dense, pruned, kept, random_calibration(nsamples=3), mode="max-shift")  # default min(4, 3)
-    assert len(result.fits) == 1 and result.fits[0].tokens == 3 * 16
+    assert len(result.fits) == 1 and result.fits[0].tokens == 3 * 15

@@ -63,7 +63,8 @@ def replaceme_compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], c
         result.notes.append(f"layers 0..{kept[0] - 1} removed at the start: no kept layer before them to fold into")
     for position in gap_positions(kept, n_dense):
         t0 = time.perf_counter()
-        G, C, tokens = fit_projection(dense, pruned, kept, position, calibration, micro_batch=micro_batch)
+        G, C, tokens = fit_projection(dense, pruned, kept, position, calibration, micro_batch=micro_batch,
+                                      skip_first=0)  # ReplaceMe fits on every calibration token
         T = solve_ridge(G, C, ridge)
         down = adapter.down_proj(adapter.layers(pruned)[position])
         fold_projection_(down.weight, T, down.bias)
