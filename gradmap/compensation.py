@@ -452,7 +452,9 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
         candidates: dict[str, float] = {"none": base_loss}
         best: tuple[str, float, float | None] = ("none", base_loss, None)
         raised: list[str] = []
-        for requested in ((ridge,) if ridge is not None else RIDGE_GRID):
+        # a zeroed down_proj (BlockPruner's removed MLP, a dead MLP) gives M = 0: no fold can change the output
+        silent = float(torch.diagonal(G).sum()) == 0.0
+        for requested in () if silent else ((ridge,) if ridge is not None else RIDGE_GRID):
             lam, cond = conditioned_ridge(G, requested)
             if lam is None:
                 raised.append(f"ridge {requested:g}: no ridge up to 1e32 conditions it (zero or non-finite); skipped")
@@ -498,6 +500,8 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
                 T = None
             if T is None:
                 note = f"ridge {best[0]}: the solve on all windows failed: fold skipped, layer left unchanged"
+        elif silent:
+            note = "the down_proj output is zero on every calibration token (MLP removed or dead): nothing to fold into"
         else:
             note = "no ridge lowered the cross-validated loss: fold skipped, layer left unchanged"
         applied = T is not None

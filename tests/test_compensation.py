@@ -207,3 +207,17 @@ def test_folds_validation():
         compensate(dense, pruned, kept, random_calibration(nsamples=1), mode="every-gap", folds=2)
     result = compensate(dense, pruned, kept, random_calibration(nsamples=3), mode="max-shift")  # default min(4, 3)
     assert len(result.fits) == 1 and result.fits[0].tokens == 3 * 15
+
+
+def test_zeroed_down_proj_is_reported_once_and_left_unchanged():
+    """A kept layer whose down_proj is zero (BlockPruner's removed MLP) has M = 0: one plain note, no ridge noise."""
+    dense, pruned, kept = _pruned()
+    down = get_adapter(pruned).down_proj(get_adapter(pruned).layers(pruned)[1])
+    with torch.no_grad():
+        down.weight.zero_()
+    result = compensate(dense, pruned, kept, random_calibration(nsamples=4, seqlen=12), mode="every-gap")
+    fit = result.fits[0]
+    assert fit.layer == 1 and not fit.applied and fit.candidates == {"none": fit.heldout_loss_before}
+    assert "down_proj output is zero" in fit.note
+    assert [n for n in result.notes if "layer 1:" in n] == [f"layer 1: {fit.note}"]
+    assert torch.count_nonzero(down.weight) == 0
