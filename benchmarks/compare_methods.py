@@ -14,7 +14,7 @@ task). Torch threads are fixed (``--threads``) for the whole run.
 Columns: prune time = wall seconds of the layer selection (stage 1 for GradMAP; the method's scoring and removal for a
 baseline); stage-2 time separately; forward-equivalent passes over the calibration set (a backward counts 2; the
 leave-one-out searches resume each candidate from cached hidden states and count the share they run, see
-:mod:`gradmap.methods` and :mod:`gradmap.methods.prefix`); passes as published = one full forward per candidate, what
+:mod:`gradmap.methods` and :mod:`gradmap.prefix`); passes as published = one full forward per candidate, what
 the SLEB / BlockPruner / PPL papers' own procedure spends; time ratio = the method's prune time / GradMAP's (> 1: GradMAP is faster); peak memory =
 peak heap bytes in use during the selection above the level before it (CPU: glibc ``mallinfo2`` in-use bytes,
 ``uordblks + hblkhd``, sampled every 2 ms by a thread, so a peak shorter than that can be missed; CUDA:

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter
 from .data import Calibration
+from .prefix import PrefixCache, resumed_loss_sum
 from .projection import gram_accumulate_, solve_ridge
 from .scoring import lm_loss_sum
 
@@ -440,6 +441,9 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
                              "overflowed (float16?); rerun with dtype bfloat16 or float32, or compensate 'none'")
         layer = adapter.layers(pruned)[position]
         down = adapter.down_proj(layer)
+        # a fold into this layer changes nothing before it: every CV forward resumes from its cached input
+        resume = [PrefixCache(pruned, part, micro_batch=micro_batch, positions=[position], adapter=adapter)
+                  for part in parts]
         original_w = down.weight.detach().clone()
         original_b = down.bias.detach().clone() if down.bias is not None else None
 
@@ -475,7 +479,7 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
                     break
                 adapter.fold_into_mlp_out_(layer, T)
                 try:
-                    fold_sums.append(_loss_sum(pruned, part, micro_batch))
+                    fold_sums.append(resumed_loss_sum(pruned, part, resume[k], start=position)[:2])
                 finally:
                     restore()
             if len(fold_sums) < len(parts):
@@ -485,7 +489,7 @@ def compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration
             candidates[key] = loss
             if loss < best[1]:
                 best = (key, loss, lam)
-        del Gs, Cs
+        del Gs, Cs, resume
         note = ""
         for r in raised:
             result.notes.append(f"layer {kept[position]}: ill-conditioned Gram matrix: {r}")

@@ -117,7 +117,7 @@ def select_iterative(model: nn.Module, calibration: Calibration, target: int, *,
 
     With ``verify_top = k > 0`` (our extension, not in the GradMAP paper), each decision removes, among the ``k``
     lowest-scored unprotected layers, the one whose removal gives the lowest calibration NLL (``k`` forwards resumed
-    from cached hidden states, :mod:`gradmap.methods.prefix`): the gradient metric shortlists, the loss decides, as
+    from cached hidden states, :mod:`gradmap.prefix`): the gradient metric shortlists, the loss decides, as
     SLEB does over all layers. ``k = 1`` is the plain metric (no forward).
 
     Args:

@@ -1,4 +1,4 @@
-"""Resumed forwards (gradmap.methods.prefix) against full forwards: same losses, the hand-computed cost model, the
+"""Resumed forwards (gradmap.prefix) against full forwards: same losses, the hand-computed cost model, the
 memory budget, and the model left exactly as it was."""
 
 import copy
@@ -9,7 +9,7 @@ import torch
 from conftest import FAMILIES, random_calibration, tiny_model
 from gradmap.methods.common import calibration_loss, layers_left_out
 from gradmap.methods.ppl import leave_one_out_losses
-from gradmap.methods.prefix import PrefixCache, head_params, resumed_forward_cost, resumed_loss
+from gradmap.prefix import PrefixCache, head_params, resumed_forward_cost, resumed_loss
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -72,3 +72,17 @@ def test_bad_arguments():
         PrefixCache(model, random_calibration(2, 8), micro_batch=0)
     with pytest.raises(ValueError, match="max_bytes"):
         PrefixCache(model, random_calibration(2, 8), max_bytes=-1)
+
+
+def test_explicit_checkpoints_and_summed_loss():
+    model = tiny_model("qwen2")
+    cal = random_calibration(3, 10, pad_last=2)
+    cache = PrefixCache(model, cal, micro_batch=2, positions=[4, 0, 9])
+    assert cache.checkpoints == [4]  # 0 and out-of-range positions ignored
+    from gradmap.prefix import resumed_loss_sum
+    from gradmap.scoring import lm_loss_sum
+    total, count, cost = resumed_loss_sum(model, cal, cache, start=5)
+    with torch.no_grad():
+        ref, n = lm_loss_sum(model, cal.input_ids, cal.attention_mask)
+    assert count == n and total == pytest.approx(float(ref), rel=1e-5)
+    assert cost == pytest.approx(resumed_forward_cost(model, 4))

@@ -14,7 +14,7 @@ method             score (lower = removed first)                          schedu
 
 A pass is one pass over the calibration set; a forward of the current (possibly pruned) model counts 1, a backward
 2 (:data:`gradmap.pruning.PASSES_PER_GRADIENT_STEP`). The leave-one-out searches resume every candidate's forward from
-cached hidden states (:mod:`.prefix`) and count the parameter share they run (plus one partial pass per decision to
+cached hidden states (:mod:`gradmap.prefix`) and count the parameter share they run (plus one partial pass per decision to
 build the cache); the published algorithms' full-forward counts are the upper bounds in the table. Compensation: ``none`` / ``max-shift`` / ``every-gap``
 (GradMAP stage 2, :mod:`gradmap.compensation`) or ``replaceme`` (:mod:`.replaceme`), on top of any method.
 """

@@ -39,7 +39,7 @@ from ..data import Calibration
 from ..pruning import Selection, Step
 from ..removal import remove_layers
 from .common import Timer
-from .prefix import DEFAULT_CACHE_BYTES, PrefixCache, resumed_loss
+from ..prefix import DEFAULT_CACHE_BYTES, PrefixCache, resumed_loss
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def select_blockpruner(model: nn.Module, calibration: Calibration, target: int, 
     """Run BlockPruner on the dense ``model`` IN PLACE until the parameters of ``target`` layers are removed.
 
     Each candidate's calibration PPL is computed by a forward resumed from the cached hidden state entering its layer
-    (:mod:`gradmap.methods.prefix`, one cache pass per decision; ``cache_bytes=0``: plain full forwards).
+    (:mod:`gradmap.prefix`, one cache pass per decision; ``cache_bytes=0``: plain full forwards).
 
     Returns:
         :class:`Selection`: ``removed`` = the wholly dropped layers (original indices, in the order their second

@@ -26,7 +26,7 @@ from .ppl import leave_one_out_losses
 def oracle_loss_increase(model: nn.Module, windows: Calibration, *, micro_batch: int = 8,
                          progress: bool = False) -> dict:
     """Loss increase of removing each single decoder layer of ``model`` (module docstring), L + 1 forwards (the L
-    leave-one-out forwards resumed from cached hidden states, :mod:`gradmap.methods.prefix`).
+    leave-one-out forwards resumed from cached hidden states, :mod:`gradmap.prefix`).
 
     Returns:
         ``{"dense_nll": float, "increase": {layer: float}, "seconds": float, "passes": float}`` (nats/token, seconds,

@@ -3,7 +3,7 @@
 * Shortened LLaMA, PPL (Kim et al., arXiv 2402.02834, Sec. 3.1): the importance of layer *l* is the calibration
   perplexity of the model with *l* removed, :math:`\\mathrm{PPL}_{-l} = \\exp(\\mathrm{NLL}_{-l})`; the ``n`` layers
   of lowest :math:`\\mathrm{PPL}_{-l}` are removed at once. Cost: L forwards (each resumed from the cached hidden
-  state entering layer *l*, :mod:`gradmap.methods.prefix`, about half a pass each on average).
+  state entering layer *l*, :mod:`gradmap.prefix`, about half a pass each on average).
 * SLEB (Song et al., arXiv 2402.09025, Sec. 4, Algorithm 1): greedily, remove the layer whose removal from the CURRENT
   model gives the lowest calibration NLL, then re-score the remaining layers; one forward per candidate per decision
   (:math:`\\sum_{k<n} (L-k)` forwards for n removals).
@@ -24,7 +24,7 @@ from ..adapters import get_adapter
 from ..data import Calibration
 from ..pruning import Selection, Step
 from .common import Timer, layers_left_out, one_shot_selection, remove_by_original
-from .prefix import DEFAULT_CACHE_BYTES, PrefixCache, resumed_loss
+from ..prefix import DEFAULT_CACHE_BYTES, PrefixCache, resumed_loss
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def leave_one_out_losses(model: nn.Module, calibration: Calibration, *, candidat
     """Calibration NLL (nats/token) of ``model`` with each candidate layer (current position) left out.
 
     One forward per candidate, each resumed from the cached hidden state entering the candidate's position
-    (:mod:`gradmap.methods.prefix`; ``cache_bytes=0`` runs plain full forwards). The model is unchanged afterwards.
+    (:mod:`gradmap.prefix`; ``cache_bytes=0`` runs plain full forwards). The model is unchanged afterwards.
 
     Returns:
         ``({position: nll}, passes)``: the losses and their cost in forward-equivalent passes (cache pass included).

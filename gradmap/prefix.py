@@ -1,4 +1,5 @@
-"""Resumed forwards for the leave-one-out searches (PPL, SLEB, BlockPruner, the fidelity oracle).
+"""Resumed forwards for the leave-one-out searches (PPL, SLEB, BlockPruner, the fidelity oracle) and stage 2's
+cross-validation (a fold into layer ``p`` changes nothing before ``p``).
 
 Removing decoder layer ``p`` (or a sub-block of it) leaves the hidden states entering layers ``0..p`` unchanged, so
 the calibration loss of every candidate can start from the hidden state entering layer ``p`` instead of re-running
@@ -27,9 +28,9 @@ import math
 import torch
 from torch import nn
 
-from ..adapters import Adapter, get_adapter, model_device
-from ..data import Calibration
-from ..scoring import lm_loss_sum
+from .adapters import Adapter, get_adapter, model_device
+from .data import Calibration
+from .scoring import lm_loss_sum
 
 #: Default memory budget of the cached hidden states (bytes, on the model's device).
 DEFAULT_CACHE_BYTES = 2 << 30
@@ -60,6 +61,8 @@ class PrefixCache:
         max_bytes: memory budget of the cached states (bytes). Checkpoints are every ``stride``-th layer, ``stride``
             the smallest that fits; ``stride`` larger than the layer count means no checkpoint (plain forwards).
         last: deepest position a candidate will start from (default: the last layer); no checkpoint is kept past it.
+        positions: exact checkpoints to keep (positions ``1..L-1``; others ignored), instead of the stride rule; the
+            memory budget is not applied to them.
 
     Attributes:
         checkpoints: sorted positions ``c ≥ 1`` with a cached input.
@@ -70,7 +73,8 @@ class PrefixCache:
     """
 
     def __init__(self, model: nn.Module, calibration: Calibration, *, micro_batch: int = 8,
-                 max_bytes: int = DEFAULT_CACHE_BYTES, last: int | None = None, adapter: Adapter | None = None):
+                 max_bytes: int = DEFAULT_CACHE_BYTES, last: int | None = None, adapter: Adapter | None = None,
+                 positions: list[int] | None = None):
         if micro_batch < 1:
             raise ValueError(f"micro_batch: must be >= 1, got {micro_batch}")
         if max_bytes < 0:
@@ -86,6 +90,8 @@ class PrefixCache:
         fit = max_bytes // per_checkpoint if per_checkpoint else wanted
         stride = math.ceil(wanted / fit) if fit > 0 else n + 1
         self.checkpoints = list(range(stride, last + 1, stride)) if wanted and stride <= last else []
+        if positions is not None:
+            self.checkpoints = sorted({int(c) for c in positions if 1 <= int(c) < n})
         self.states: dict[int, list] = {c: [] for c in self.checkpoints}
         self.passes = 0.0
         if not self.checkpoints:
@@ -137,17 +143,18 @@ def resumed_forward_cost(model: nn.Module, checkpoint: int, adapter: Adapter | N
     return run / full if full else 1.0
 
 
-def resumed_loss(model: nn.Module, calibration: Calibration, cache: PrefixCache | None, start: int) -> tuple[float, float]:
-    """Mean next-token NLL of ``model`` on ``calibration`` (nats/token), layers before the checkpoint replayed.
+def resumed_loss_sum(model: nn.Module, calibration: Calibration, cache: PrefixCache | None, start: int
+                     ) -> tuple[float, int, float]:
+    """Summed next-token NLL of ``model`` on ``calibration``, layers before the checkpoint replayed from ``cache``.
 
     Args:
         model: the model to evaluate; its layers ``0..start-1`` must be those the cache was built with (unchanged).
         cache: from :class:`PrefixCache` on the same calibration windows, or ``None`` (plain forwards).
-        start: the first position that differs from the cached model (a removed layer's old position, or the layer
-            holding a removed sub-block).
+        start: the first position that differs from the cached model (a removed layer's old position, the layer
+            holding a removed sub-block, or the layer a projection was folded into).
 
     Returns:
-        ``(nll, passes)``: the mean NLL and the forward-equivalent cost of this evaluation.
+        ``(nll_sum, predicted_tokens, passes)``: nats, count, and the forward-equivalent cost of this evaluation.
     """
     adapter = cache.adapter if cache is not None else get_adapter(model)
     micro_batch = cache.micro_batch if cache is not None else 8
@@ -167,4 +174,10 @@ def resumed_loss(model: nn.Module, calibration: Calibration, cache: PrefixCache 
                     layer.__dict__.pop("forward", None)
             total += float(loss)
             count += n
-    return total / max(count, 1), resumed_forward_cost(model, c, adapter)
+    return total, count, resumed_forward_cost(model, c, adapter)
+
+
+def resumed_loss(model: nn.Module, calibration: Calibration, cache: PrefixCache | None, start: int) -> tuple[float, float]:
+    """Mean next-token NLL (nats/token) of :func:`resumed_loss_sum`, and its cost in forward-equivalent passes."""
+    total, count, cost = resumed_loss_sum(model, calibration, cache, start)
+    return total / max(count, 1), cost
