@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"compensation: GradMAP stage 2 (max-shift, every-gap), ReplaceMe's T (replaceme) or none "
                         f"(default {DEFAULT_COMPENSATION})")
     p.add_argument("--ridge", type=float, default=None,
-                   help="relative ridge for stage 2 (default: chosen by k-fold cross-validation on the calibration windows)")
+                   help="relative ridge (stage 2 default: chosen by k-fold cross-validation on the calibration windows; "
+                        "replaceme default: fixed 1e-3)")
     p.add_argument("--protected", type=_protected, default=[], help="comma-separated layer indices never removed")
     p.add_argument("--backend", default="hooks", choices=("hooks", "fused"),
                    help="weight-metric gradient reduction: hooks (default) or fused (Triton on CUDA; no dW stored)")
@@ -232,6 +233,8 @@ def cmd_prune(args) -> int:
     if args.backend != "hooks" and args.method not in ("gradmap", "taylor-plus"):
         raise ValueError(f"--backend: applies to the gradient methods (gradmap, taylor-plus) only, "
                          f"not --method {args.method}")
+    if args.ridge is not None and args.compensate == "none":
+        raise ValueError("--ridge: has no effect with --compensate none")
     if args.verify_top < 0:
         raise ValueError(f"--verify-top: must be >= 0, got {args.verify_top}")
     if args.verify_top and args.method != "gradmap":
@@ -267,7 +270,7 @@ def cmd_prune(args) -> int:
     if args.resume and not state.exists():
         log.warning("--resume: no state file %s (no interrupted run recorded): starting from the first decision", state)
     if state.exists() and not args.resume:
-        log.info("ignoring the state file %s of an earlier run (pass --resume to continue it)", state)
+        log.warning("deleting the stage-1 state file %s of an earlier run (pass --resume to continue it)", state)
         state.unlink()
     model, tokenizer = _load(args)
     calibration = _calibration(args, model, tokenizer, calib_split)

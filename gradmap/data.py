@@ -90,6 +90,7 @@ def load_text(source: str | os.PathLike = WIKI, split: str = "calibration") -> s
     Raises:
         ValueError: for an unknown split, or a split of a user file that comes out empty.
         FileNotFoundError: if the file does not exist. IsADirectoryError: if ``source`` is a directory.
+        ValueError: also if the file is not UTF-8.
     """
     if split not in SPLITS + ("all",):
         raise ValueError(f"split: {split!r} is not one of {SPLITS + ('all',)}")
@@ -103,7 +104,10 @@ def load_text(source: str | os.PathLike = WIKI, split: str = "calibration") -> s
         raise IsADirectoryError(f"text: {str(path)!r} is a directory; give a UTF-8 text file or {WIKI!r}")
     if not path.is_file():
         raise FileNotFoundError(f"text: file {str(path)!r} does not exist (give a text file or {WIKI!r})")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"text: file {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     if split == "all":
         return text
     cut = split_point(text)

@@ -317,3 +317,13 @@ def test_verify_top_is_refused_for_baselines():
         prune(model, random_calibration(4, 16), num_layers=1, method="sleb", verify_top=3, compensate_mode="none")
     with pytest.raises(ValueError, match="verify_top: must be an integer"):
         prune(model, random_calibration(4, 16), num_layers=1, verify_top=1.5, compensate_mode="none")
+
+
+def test_replaceme_warns_when_tokens_are_too_few_for_the_fit():
+    dense = tiny_model("llama")
+    pruned = copy.deepcopy(dense)
+    remove_layers(pruned, [2, 3])
+    result = replaceme_compensate(dense, pruned, [0, 1, 4, 5], random_calibration(2, 16))  # 32 tokens < 4 x 32
+    assert any("underdetermined" in n for n in result.notes)
+    big = replaceme_compensate(dense, copy.deepcopy(dense), [0, 1, 2, 3, 4, 5], random_calibration(2, 16))
+    assert big.fits == [] and not big.notes  # nothing removed: nothing fitted, nothing to warn about

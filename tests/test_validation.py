@@ -398,3 +398,16 @@ def test_cli_refuses_protected_lists_with_gaps_or_repeats_and_empty_output(tmp_p
     assert "--output:" in err and "already exists" in err and "--overwrite" in err
     assert main(["prune", "--ratio", "0.25", "--output", str(tmp_path / "new"), "--text", str(tmp_path)]) == 2
     assert f"gradmap: error: --text: {str(tmp_path)!r} is a directory" in capsys.readouterr().err
+
+
+def test_non_utf8_text_and_ridge_without_compensation_are_named_errors(tmp_path, capsys):
+    from gradmap.cli import main
+
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 40)
+    assert main(["prune", "--ratio", "0.25", "--output", str(tmp_path / "o"), "--text", str(binary)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gradmap: error: --text: file") and "is not UTF-8 text" in err and err.count("\n") == 1
+    assert main(["prune", "--ratio", "0.25", "--output", str(tmp_path / "o"), "--compensate", "none",
+                 "--ridge", "0.1"]) == 2
+    assert "gradmap: error: --ridge: has no effect with --compensate none" in capsys.readouterr().err

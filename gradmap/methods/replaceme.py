@@ -21,6 +21,7 @@ and :func:`gradmap.projection.fold_projection_`.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from torch import nn
@@ -29,6 +30,8 @@ from ..adapters import get_adapter
 from ..compensation import CompensationResult, LayerFit, aligned_dense_layer, fit_projection, gap_positions
 from ..data import Calibration
 from ..projection import fold_projection_, solve_ridge
+
+logger = logging.getLogger(__name__)
 
 #: Relative ridge λ (α = λ · mean diag(MᵀM)): keeps the solve well posed when there are fewer calibration tokens
 #: than hidden dimensions (MᵀM is then singular; ReplaceMe's own runs use far more tokens than dimensions).
@@ -47,7 +50,8 @@ def replaceme_compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], c
 
     Returns:
         :class:`gradmap.compensation.CompensationResult` with ``mode="replaceme"``, one fit per removed block
-        (held-out losses are ``None``: nothing is held out).
+        (held-out losses are ``None``: nothing is held out); ``notes`` warns when the fit saw fewer than 4× the
+        hidden size in tokens (underdetermined).
 
     Raises:
         ValueError: negative ridge. ``torch.linalg.LinAlgError``: singular system with ``ridge=0``.
@@ -73,5 +77,12 @@ def replaceme_compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], c
                                     heldout_loss_before=None, heldout_loss_after=None, candidates={}, applied=True,
                                     tokens=tokens, seconds=time.perf_counter() - t0,
                                     note="ReplaceMe: fixed ridge, all calibration windows, no held-out check"))
+    hidden = pruned.config.hidden_size
+    if result.fits and result.fits[0].tokens < 4 * hidden:
+        warning = (f"ReplaceMe fitted T ({hidden}x{hidden}) on {result.fits[0].tokens} calibration tokens, fewer than "
+                   f"4x the hidden size: the fit is underdetermined and can ruin the model (seen: PPL 169 -> 9688 "
+                   f"at 512 tokens on SmolLM2); use far more calibration tokens, a larger ridge, or every-gap")
+        result.notes.append(warning)
+        logger.warning(warning)
     result.seconds = time.perf_counter() - start
     return result
