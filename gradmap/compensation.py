@@ -42,9 +42,8 @@ from tqdm.auto import tqdm
 
 from .adapters import Adapter, get_adapter
 from .data import Calibration
-from .prefix import PrefixCache, resumed_loss_sum
+from .prefix import PrefixCache, StopForward, forward_until_stop, resumed_loss_sum
 from .projection import gram_accumulate_, solve_ridge
-from .scoring import lm_loss_sum
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +64,6 @@ def check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"compensate: {mode!r} is not one of {', '.join(MODES)}")
     return mode
-
-
-class _Stop(Exception):
-    pass
 
 
 def aligned_dense_layer(kept: list[int], position: int, num_dense_layers: int) -> int:
@@ -103,7 +98,7 @@ def _capture(model: nn.Module, adapter: Adapter, ids, mask, outputs: dict[int, N
         def hook(module, args, output):
             got[i] = (output[0] if isinstance(output, tuple) else output).detach()
             if i == stop_after:
-                raise _Stop
+                raise StopForward
         return hook
 
     for i in set(outputs) | {stop_after}:
@@ -111,12 +106,8 @@ def _capture(model: nn.Module, adapter: Adapter, ids, mask, outputs: dict[int, N
     if down_of is not None:
         handles.append(adapter.down_proj(layers[down_of]).register_forward_hook(
             lambda m, a, o: got.__setitem__("down", o.detach())))
-    device = next(model.parameters()).device
     try:
-        with torch.no_grad():
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-    except _Stop:
-        pass
+        forward_until_stop(model, ids, mask)
     finally:
         for h in handles:
             h.remove()
@@ -249,13 +240,7 @@ def fit_projection_folds(dense: nn.Module, pruned: nn.Module, kept: list[int], p
 
 def _loss_sum(model: nn.Module, calibration: Calibration, micro_batch: int) -> tuple[float, int]:
     """Summed next-token cross-entropy (nats) of ``model`` on ``calibration`` and the number of predicted tokens."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ids, mask in calibration.batches(micro_batch):
-            loss, n = lm_loss_sum(model, ids, mask)
-            total += float(loss)
-            count += n
-    return total, count
+    return resumed_loss_sum(model, calibration, None, 0, micro_batch)[:2]
 
 
 MAX_CONDITION = 1e10

@@ -36,8 +36,19 @@ from .scoring import lm_loss_sum
 DEFAULT_CACHE_BYTES = 2 << 30
 
 
-class _Stop(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a forward hook to end a forward early (nothing after the hooked module is needed)."""
+
+
+def forward_until_stop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """One no-grad forward of ``model`` on ``ids``/``mask`` (``[batch, seqlen]``, moved to the model's device), ended
+    quietly when a hook raises :class:`StopForward`; hooks read what they need."""
+    device = model_device(model)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    except StopForward:
+        pass
 
 
 def _params(module: nn.Module) -> int:
@@ -107,19 +118,14 @@ class PrefixCache:
                     else output.detach()
                 self.states[c].append(out)
                 if c - 1 == deepest:
-                    raise _Stop
+                    raise StopForward
             return fn
 
         for c in self.checkpoints:
             handles.append(layers[c - 1].register_forward_hook(hook(c)))
-        device = model_device(model)
         try:
-            with torch.no_grad():
-                for ids, mask in calibration.batches(micro_batch):
-                    try:
-                        model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
-                    except _Stop:
-                        pass
+            for ids, mask in calibration.batches(micro_batch):
+                forward_until_stop(model, ids, mask)
         finally:
             for h in handles:
                 h.remove()
@@ -143,8 +149,8 @@ def resumed_forward_cost(model: nn.Module, checkpoint: int, adapter: Adapter | N
     return run / full if full else 1.0
 
 
-def resumed_loss_sum(model: nn.Module, calibration: Calibration, cache: PrefixCache | None, start: int
-                     ) -> tuple[float, int, float]:
+def resumed_loss_sum(model: nn.Module, calibration: Calibration, cache: PrefixCache | None, start: int,
+                     micro_batch: int = 8) -> tuple[float, int, float]:
     """Summed next-token NLL of ``model`` on ``calibration``, layers before the checkpoint replayed from ``cache``.
 
     Args:
@@ -152,12 +158,13 @@ def resumed_loss_sum(model: nn.Module, calibration: Calibration, cache: PrefixCa
         cache: from :class:`PrefixCache` on the same calibration windows, or ``None`` (plain forwards).
         start: the first position that differs from the cached model (a removed layer's old position, the layer
             holding a removed sub-block, or the layer a projection was folded into).
+        micro_batch: windows per forward when ``cache`` is ``None`` (otherwise the cache's).
 
     Returns:
         ``(nll_sum, predicted_tokens, passes)``: nats, count, and the forward-equivalent cost of this evaluation.
     """
     adapter = cache.adapter if cache is not None else get_adapter(model)
-    micro_batch = cache.micro_batch if cache is not None else 8
+    micro_batch = cache.micro_batch if cache is not None else micro_batch
     c = cache.checkpoint_for(start) if cache is not None else 0
     layers = adapter.layers(model)
     total, count = 0.0, 0
