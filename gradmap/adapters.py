@@ -38,6 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .projection import fold_projection_
+
 MLP_OUT_KINDS = ("linear", "conv1d")
 
 
@@ -54,6 +56,12 @@ class Adapter:
         post_mlp_norm_path: dotted path to a normalisation applied to the MLP output before the residual add
             (Gemma2/3 ``post_feedforward_layernorm``), or ``None``.
         per_layer_config_fields: config attributes that are lists with one entry per decoder layer.
+        final_norm_path: dotted path from the ``*ForCausalLM`` to the normalisation applied after the last decoder
+            layer (``model.norm``, ``transformer.ln_f``, ``model.decoder.final_layer_norm``).
+        head_proj_path: dotted path to a projection applied after the final norm and before the LM head (OPT's
+            ``project_out`` when ``word_embed_proj_dim != hidden_size``; the module may be ``None``), or ``None``.
+        layer_returns_tuple: the decoder layer's ``forward`` returns a tuple whose first item is the hidden states
+            (Falcon) instead of the hidden-states tensor itself (every other family in transformers 5).
     """
 
     model_types: tuple[str, ...]
@@ -62,6 +70,9 @@ class Adapter:
     mlp_out_kind: str = "linear"
     post_mlp_norm_path: str | None = None
     per_layer_config_fields: tuple[str, ...] = ("layer_types",)
+    final_norm_path: str = "model.norm"
+    head_proj_path: str | None = None
+    layer_returns_tuple: bool = False
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         """Return the decoder-layer ``nn.ModuleList`` of ``model`` (a ``*ForCausalLM``)."""
@@ -97,8 +108,6 @@ class Adapter:
         Raises:
             ValueError: if ``T`` does not match the hidden size.
         """
-        from .projection import fold_projection_
-
         module = self.down_proj(layer)
         if self.mlp_out_kind == "linear":
             fold_projection_(module.weight, T, module.bias)
@@ -107,6 +116,58 @@ class Adapter:
             linear_weight = module.weight.detach().T.contiguous()
             fold_projection_(linear_weight, T, module.bias)
             module.weight.copy_(linear_weight.T)
+
+    def mlp_out_names(self, with_bias: bool = True) -> list[str]:
+        """Names of the MLP output projection's weight (and bias) relative to the decoder layer
+        (``["mlp.down_proj.weight", "mlp.down_proj.bias"]``)."""
+        return [f"{self.mlp_out_path}.weight"] + ([f"{self.mlp_out_path}.bias"] if with_bias else [])
+
+    def folded_mlp_out(self, weight: torch.Tensor, bias: torch.Tensor | None, T: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The MLP output projection's weight (and bias) with ``T`` folded in, as NEW tensors (inputs unchanged).
+
+        Same fold as :meth:`fold_into_mlp_out_` (output ``y → y T``) on copies, in the inputs' dtype and device:
+        ``nn.Linear`` ``W ← Tᵀ W``; GPT-2 ``Conv1D`` (``W: [in, out]``) ``W ← W T``; ``b ← Tᵀ b``. Stage 2 gives the
+        result to the engine as parameter overrides (the dense weights are never modified).
+        """
+        with torch.no_grad():
+            new_bias = None if bias is None else bias.detach().clone()
+            if self.mlp_out_kind == "linear":
+                new_weight = weight.detach().clone()
+                fold_projection_(new_weight, T, new_bias)
+                return new_weight, new_bias
+            linear_weight = weight.detach().T.contiguous()
+            fold_projection_(linear_weight, T, new_bias)
+            return linear_weight.T.contiguous(), new_bias
+
+    def final_norm(self, model: nn.Module) -> nn.Module | None:
+        """The normalisation after the last decoder layer (``model.norm`` for Llama-like models; ``None`` for an OPT
+        built without ``do_layer_norm_before``)."""
+        return _get(model, self.final_norm_path)
+
+    def final_hidden(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """What the LM head reads: ``hidden`` (the last decoder layer's output, ``[..., hidden]``) through the final
+        norm and, for OPT with ``word_embed_proj_dim != hidden_size``, ``project_out``."""
+        norm = self.final_norm(model)
+        out = norm(hidden) if norm is not None else hidden  # OPT without do_layer_norm_before has none
+        proj = _get(model, self.head_proj_path) if self.head_proj_path else None
+        return proj(out) if proj is not None else out
+
+    @staticmethod
+    def logit_softcap(config) -> float | None:
+        """Final-logit soft-capping constant ``c`` (logits ``z → c·tanh(z/c)``; Gemma 2, arXiv 2408.00118 Sec. 2), or
+        ``None`` when the family has none (``config.final_logit_softcapping``)."""
+        value = getattr(config, "final_logit_softcapping", None)
+        return float(value) if value else None
+
+    def layer_output(self, output) -> torch.Tensor:
+        """The hidden-states tensor of a decoder layer's ``forward`` output (first item for tuple-returning
+        families, see ``layer_returns_tuple``)."""
+        return output[0] if isinstance(output, tuple) else output
+
+    def layer_prefix(self, index: int) -> str:
+        """State-dict key prefix of decoder layer ``index`` (``"model.layers.3."``)."""
+        return f"{self.layers_path}.{index}."
 
     def set_layer_idx(self, layer: nn.Module, idx: int) -> None:
         """Renumber every KV-cache ``layer_idx`` inside ``layer`` (any submodule with an int ``layer_idx``) to ``idx``."""
@@ -129,9 +190,12 @@ _ADAPTERS: tuple[Adapter, ...] = (
     Adapter(model_types=("phi3",)),  # fused gate_up_proj; down_proj is a plain nn.Linear
     Adapter(model_types=("gemma2",), post_mlp_norm_path="post_feedforward_layernorm"),
     Adapter(model_types=("gemma3_text",), post_mlp_norm_path="post_feedforward_layernorm"),
-    Adapter(model_types=("gpt2",), layers_path="transformer.h", mlp_out_path="mlp.c_proj", mlp_out_kind="conv1d"),
-    Adapter(model_types=("opt",), layers_path="model.decoder.layers", mlp_out_path="fc2"),
-    Adapter(model_types=("falcon",), layers_path="transformer.h", mlp_out_path="mlp.dense_4h_to_h"),
+    Adapter(model_types=("gpt2",), layers_path="transformer.h", mlp_out_path="mlp.c_proj", mlp_out_kind="conv1d",
+            final_norm_path="transformer.ln_f"),
+    Adapter(model_types=("opt",), layers_path="model.decoder.layers", mlp_out_path="fc2",
+            final_norm_path="model.decoder.final_layer_norm", head_proj_path="model.decoder.project_out"),
+    Adapter(model_types=("falcon",), layers_path="transformer.h", mlp_out_path="mlp.dense_4h_to_h",
+            final_norm_path="transformer.ln_f", layer_returns_tuple=True),
 )
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in _ADAPTERS for t in a.model_types)

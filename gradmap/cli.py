@@ -1,22 +1,57 @@
-"""Command line: ``gradmap prune | score | eval``.
+"""Command line: ``gradmap prune | score | eval | plan``.
 
     gradmap prune --ratio 0.25 --output pruned-smollm2            # default model (SmolLM2-135M), Wikipedia text
     gradmap prune --ratio 0.25 --method sleb --compensate none --output sleb-smollm2   # a baseline
+    gradmap prune --model ./llama-70b --ratio 0.25 --max-memory 70GiB --output out    # streams what does not fit
+    torchrun --nproc-per-node 8 -m gradmap prune --model ./llama-70b --ratio 0.25 --output out   # data parallel
+    gradmap plan --model ./llama-70b --ratio 0.25 --max-memory 70GiB   # memory per device, before anything runs
     gradmap score --model ./my-llama --metric taylor               # one scoring pass, every layer's score
     gradmap eval --model pruned-smollm2 --text wiki.test.raw       # perplexity of any model directory
     gradmap eval --model pruned-smollm2 --tasks all --limit 100    # plus zero-shot accuracy (lm-eval, local data)
+
+Bad input exits with status 2 and ONE line ``gradmap: error: ...`` naming the flag, before the model's weights are
+read (the config, the tokenizer and the texts are checked first); Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import sys
+from pathlib import Path
+
+import huggingface_hub.utils
+import torch
+import transformers
+from transformers import AutoTokenizer
 
 from . import __version__
+from .adapters import adapter_for_type, get_adapter
+from .api import prune
+from .checkpoint import check_output_dir
+from .data import build_calibration, load_text, tokenize
+from .engine import Engine, ModelWeights, Windows, build_skeleton, init_from_environment, rank_device
+from .engine.memory import GiB, ModelShape, RunSettings, plan_run
+from .evaluation import perplexity
+from .methods.metrics import layer_scores
+from .models import (NAMED_MODELS, check_model_dir, default_dtype, load_model, parse_dtype, read_config,
+                     resolve_model_path)
+from .names import (BACKENDS, COMPENSATIONS, DEFAULT_COMPENSATION, DEFAULT_METHOD, DEFAULT_METRIC, METHODS, METRICS)
+from .validation import ModelLimits, check_device, check_positive, check_prune_plan, check_threads
+from .zeroshot import evaluate_zero_shot, format_table, parse_tasks, task_config
 
 log = logging.getLogger("gradmap")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``gradmap: error: ...``, exit 2), as every other bad input gets."""
+
+    def error(self, message: str):
+        self.exit(2, f"gradmap: error: {message} (see {self.prog} --help)\n")
 
 
 def _protected(value: str) -> list[int]:
@@ -36,9 +71,11 @@ def _protected(value: str) -> list[int]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default",
-                   help="local Hugging Face model directory, or 'default' (bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+                   help=f"local Hugging Face model directory, a .gguf file, or a bundled model: "
+                        f"{', '.join(NAMED_MODELS)} (default: default = SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="auto",
+                   help="float32 | bfloat16 | float16 | auto (default auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default auto: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars, warnings only")
 
@@ -69,21 +106,7 @@ def _zeroshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ppl", action="store_true", help="skip the perplexity evaluation (zero-shot only)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``gradmap`` argument parser (subcommands prune, score, eval)."""
-    from .methods import COMPENSATIONS, METHODS
-    from .scoring import METRICS
-    from .api import DEFAULT_COMPENSATION, DEFAULT_METHOD, DEFAULT_METRIC
-
-    parser = argparse.ArgumentParser(prog="gradmap", description="GradMAP layer pruning for causal LLMs "
-                                     "(gradient metric + projection compensation, arXiv 2602.14649)")
-    parser.add_argument("--version", action="version", version=f"gradmap {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("prune", help="remove decoder layers, compensate, evaluate, save")
-    _common(p)
-    _calib_args(p)
-    _eval_args(p)
+def _prune_args(p: argparse.ArgumentParser, *, plan_only: bool = False) -> None:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--num-layers", type=int, help="number of decoder layers to remove")
     target.add_argument("--ratio", type=float, help="fraction of decoder layers to remove, in (0, 1)")
@@ -100,21 +123,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ridge", type=float, default=None,
                    help="relative ridge (stage 2 default: chosen by k-fold cross-validation on the calibration windows; "
                         "replaceme default: fixed 1e-3)")
+    p.add_argument("--folds", type=int, default=None,
+                   help="stage-2 cross-validation groups of calibration windows (default min(4, --nsamples))")
     p.add_argument("--protected", type=_protected, default=[], help="comma-separated layer indices never removed")
-    p.add_argument("--backend", default="hooks", choices=("hooks", "fused"),
+    p.add_argument("--backend", default="hooks", choices=BACKENDS,
                    help="weight-metric gradient reduction: hooks (default) or fused (Triton on CUDA; no dW stored)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory budget (accelerate notation, e.g. 20GiB): on CUDA the device's (weights + working "
+                        "set), on CPU the host memory weights may hold; layers that do not fit stream from the "
+                        "checkpoint (default: the device's memory; unlimited on CPU)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    if plan_only:
+        return
     p.add_argument("--output", required=True, help="output directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run from its stage-1 state file (.OUTPUT.gradmap-state.json beside "
-                        "--output, written after every decision); refused if model, calibration or settings differ")
+    state = p.add_mutually_exclusive_group()
+    state.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run from its stage-1 state file (.OUTPUT.gradmap-state.json beside "
+                            "--output, written after every decision); refused if model, calibration or settings differ")
+    state.add_argument("--restart", action="store_true",
+                       help="discard the stage-1 state file of an interrupted run and start again")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``gradmap`` argument parser (subcommands prune, plan, score, eval)."""
+    parser = _Parser(prog="gradmap", description="GradMAP layer pruning for causal LLMs "
+                     "(gradient metric + projection compensation, arXiv 2602.14649)")
+    parser.add_argument("--version", action="version", version=f"gradmap {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="remove decoder layers, compensate, evaluate, save")
+    _common(p)
+    _calib_args(p)
+    _eval_args(p)
+    _prune_args(p)
+
+    pl = sub.add_parser("plan", help="estimated memory per device and resident vs streamed, before anything runs")
+    _common(pl)
+    _calib_args(pl)
+    _eval_args(pl)
+    _prune_args(pl, plan_only=True)
+    pl.add_argument("--world-size", type=int, default=None,
+                    help="processes the run will use (default: WORLD_SIZE, or 1)")
+    pl.add_argument("--json", action="store_true", help="print JSON")
 
     s = sub.add_parser("score", help="one scoring pass: every decoder layer's score")
     _common(s)
     _calib_args(s)
     s.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS)
-    s.add_argument("--backend", default="hooks", choices=("hooks", "fused"),
+    s.add_argument("--backend", default="hooks", choices=BACKENDS,
                    help="weight-metric gradient reduction: hooks (default) or fused (no dW stored)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -127,61 +184,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_counts(args) -> None:
-    """Reject negative token counts before any work (0 means "all tokens")."""
-    for name in ("eval_tokens", "tokens"):
-        value = getattr(args, name, None)
-        if value is not None and value < 0:
-            raise ValueError(f"--{name.replace('_', '-')}: must be >= 0 (0 = all tokens), got {value}")
-
-
 CLI_NAMES = {"num_layers": "--num-layers", "ratio": "--ratio", "protected": "--protected", "seqlen": "--seqlen",
              "nsamples": "--nsamples", "ridge": "--ridge", "micro_batch": "--micro-batch",
-             "eval_seqlen": "--eval-seqlen", "compensate": "--compensate", "text": "--text"}
+             "eval_seqlen": "--eval-seqlen", "compensate": "--compensate", "text": "--text", "model": "--model",
+             "tasks": "--tasks", "resume": "--resume", "folds": "--folds", "metric": "--metric",
+             "method": "--method", "backend": "--backend", "verify_top": "--verify-top", "output_dir": "--output"}
 
 
-def _cli_names(exc: ValueError, names: dict[str, str] = CLI_NAMES) -> ValueError:
+def _cli_names(exc: Exception, names: dict[str, str] = CLI_NAMES) -> Exception:
     """Rewrite a leading ``keyword:`` of an API error into the command-line flag (``num_layers:`` → ``--num-layers:``)."""
     msg = str(exc)
     head, sep, tail = msg.partition(":")
-    return ValueError(f"{names[head]}:{tail}") if sep and head in names else exc
+    return type(exc)(f"{names[head]}:{tail}") if sep and head in names else exc
+
+
+def _bf16_hardware() -> bool:
+    """Whether this CPU has bfloat16 arithmetic (AVX512-BF16 or AMX); without it bf16 matmuls are emulated."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="ignore")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _setup(args) -> None:
-    import torch
-
-    from .validation import check_device, check_threads
-
     check_threads(args.threads)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(args.device)
+    dtype = default_dtype(args.device) if args.dtype == "auto" else parse_dtype(args.dtype)
+    args.dtype = str(dtype).replace("torch.", "")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.quiet:  # -q also silences the progress bars of transformers / huggingface_hub (weight loading)
-        import huggingface_hub.utils
-        import transformers
-
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
         huggingface_hub.utils.disable_progress_bars()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _bf16_hardware():
+        log.warning("--dtype %s on a CPU without bfloat16/float16 hardware is emulated: scoring was measured 37x "
+                    "slower than float32 here; use --dtype float32 on this machine", args.dtype)
 
 
 def _model_limits(args):
-    """Validate ``--model`` from its files and config alone (no weights read); return its :class:`ModelLimits`."""
-    from transformers import AutoConfig
-
-    from .models import resolve_model_path
-    from .validation import ModelLimits, check_model_dir
-
+    """Validate ``--model`` from its files and config alone (no weights read); return its path and limits."""
     path = resolve_model_path(args.model)
     check_model_dir(path)
+    config = read_config(path)
     try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(f"--model: {str(path)!r} has a config.json that transformers cannot read: {exc}") from None
-    try:
-        return ModelLimits.from_config(config)
+        return path, ModelLimits.from_config(config)
     except (AttributeError, TypeError):
         raise ValueError(f"--model: {str(path)!r} (model_type {getattr(config, 'model_type', None)!r}) is not a "
                          "decoder-only causal LM (no num_hidden_layers)") from None
@@ -195,68 +247,86 @@ def _text_split(source: str, role: str, other: str | None) -> str:
     return "all"
 
 
-def _state_path(output: str):
+def _state_path(output: str) -> Path:
     """Stage-1 state file of a ``prune --output OUTPUT`` run: hidden, beside the output directory."""
-    from pathlib import Path
-
     out = Path(output).expanduser().absolute()
     return out.parent / f".{out.name}.gradmap-state.json"
 
 
-def _load(args):
-    from .models import load_model
+@contextlib.contextmanager
+def _output_lock(output: str):
+    """Hold an exclusive lock on ``--output`` for the whole run (a hidden ``.OUTPUT.gradmap-lock`` beside it), so a
+    second prune into the same directory is refused at once instead of colliding at save time.
 
-    log.info("loading model %s", args.model)
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    Raises:
+        ValueError: another gradmap process holds the lock. PermissionError: the lock cannot be created there.
+    """
+    out = Path(output).expanduser().absolute()
+    lock = out.parent / f".{out.name}.gradmap-lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fh = open(lock, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise PermissionError(f"--output: cannot create files in {str(out.parent)!r}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"--output: another gradmap run is writing {str(out)!r} (lock {lock.name}); wait for it "
+                             "or choose another --output") from None
+        yield
+    finally:
+        fh.close()
+        with contextlib.suppress(OSError):
+            lock.unlink()
 
 
-def _calibration(args, model, tokenizer, split: str = "calibration"):
-    from .data import build_calibration, load_text
-
+def _calibration(args, tokenizer, split: str, max_length):
     text = load_text(args.text, split)
-    return build_calibration(tokenizer, text, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                             source=args.text, max_length=getattr(model.config, "max_position_embeddings", None))
+    try:
+        return build_calibration(tokenizer, text, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                 source=args.text, max_length=max_length)
+    except ValueError as exc:
+        msg = str(exc)
+        if msg.startswith("calibration text has"):
+            raise ValueError(f"--text: {msg}") from None
+        raise _cli_names(exc) from None
 
 
-def cmd_prune(args) -> int:
-    """``gradmap prune``: the whole pipeline; prints the PPL table and where the checkpoint went."""
-    from .api import DEFAULT_METRIC, prune
-    from .checkpoint import check_output_dir
-    from .data import load_text, tokenize
-    from .models import parse_dtype
-    from .validation import check_prune_plan
+def _check_text_files(args, calib_split: str, eval_text: str | None) -> None:
+    for flag, text, split in (("--text", args.text, calib_split),
+                              ("--eval-text", eval_text, _text_split(eval_text or "", "test", args.text))):
+        if text is not None and text != "wiki":
+            try:
+                load_text(text, split)  # a missing or unreadable file fails now, not after minutes of work
+            except (FileNotFoundError, IsADirectoryError, ValueError) as exc:
+                raise type(exc)(f"{flag}: {str(exc).partition(': ')[2]}") from None
 
-    # Every check that needs no weights runs first: a bad flag fails in well under a second.
-    parse_dtype(args.dtype)
+
+def _check_prune_flags(args, limits: ModelLimits) -> None:
     if args.metric is not None and args.method != "gradmap":
         raise ValueError(f"--metric: applies to --method gradmap only (--method {args.method} has its own score)")
     if args.backend != "hooks" and args.method not in ("gradmap", "taylor-plus"):
         raise ValueError(f"--backend: applies to the gradient methods (gradmap, taylor-plus) only, "
                          f"not --method {args.method}")
+    if args.backend == "fused" and adapter_for_type(limits.model_type).mlp_out_kind != "linear":
+        raise ValueError(f"--backend: fused needs nn.Linear projections; {limits.model_type} uses Conv1D: use "
+                         "--backend hooks")
     if args.ridge is not None and args.compensate == "none":
         raise ValueError("--ridge: has no effect with --compensate none")
+    if args.folds is not None and args.compensate == "none":
+        raise ValueError("--folds: has no effect with --compensate none")
     if args.verify_top < 0:
         raise ValueError(f"--verify-top: must be >= 0, got {args.verify_top}")
     if args.verify_top and args.method != "gradmap":
         raise ValueError(f"--verify-top: applies to --method gradmap only, not --method {args.method}")
-    args.metric = args.metric or DEFAULT_METRIC
-    try:
-        check_output_dir(args.output, args.overwrite)
-    except (ValueError, OSError) as exc:
-        raise type(exc)(str(exc).replace("output_dir:", "--output:", 1).replace("overwrite=True (--overwrite)",
-                                                                                  "--overwrite")) from None
-    eval_text = None if args.no_eval else args.eval_text
+    if args.verify_top > limits.num_layers:
+        raise ValueError(f"--verify-top: {args.verify_top} is more than the model's {limits.num_layers} decoder "
+                         "layers (at that size it is SLEB at SLEB's cost; use --method sleb)")
+    if args.folds is not None and not 2 <= args.folds <= args.nsamples:
+        raise ValueError(f"--folds: need 2 <= --folds <= --nsamples={args.nsamples}, got {args.folds}")
     if not args.no_eval and args.eval_tokens not in (0, None) and args.eval_tokens < 2:
         raise ValueError(f"--eval-tokens: must be 0 (all tokens) or >= 2, got {args.eval_tokens}")
-    calib_split = _text_split(args.text, "calibration", eval_text)
-    for flag, text, split in (("--text", args.text, calib_split),
-                              ("--eval-text", eval_text, _text_split(eval_text or "", "test", args.text))):
-        if text is not None and text != "wiki":
-            try:
-                load_text(text, split)  # a missing or too short file fails now, not after the model has loaded
-            except (FileNotFoundError, IsADirectoryError, ValueError) as exc:
-                raise type(exc)(f"{flag}: {str(exc).partition(': ')[2]}") from None
-    limits = _model_limits(args)
     try:
         check_prune_plan(limits, num_layers=args.num_layers, ratio=args.ratio, protected=args.protected,
                          seqlen=args.seqlen, nsamples=args.nsamples, compensate=args.compensate, ridge=args.ridge,
@@ -264,35 +334,136 @@ def cmd_prune(args) -> int:
                          names=CLI_NAMES)
     except ValueError as exc:
         raise _cli_names(exc) from None
-    if args.resume and args.method != "gradmap":
-        raise ValueError(f"--resume: only --method gradmap records resumable decisions, got --method {args.method}")
+
+
+def _run_settings(args, parallel_world: int) -> RunSettings:
+    compensating = args.compensate != "none"
+    return RunSettings(nsamples=args.nsamples, seqlen=args.seqlen, micro_batch=args.micro_batch,
+                       world_size=parallel_world, compensate=compensating,
+                       folds=(args.folds or min(4, args.nsamples)) if compensating else 1,
+                       candidates=args.verify_top or (1 if args.method == "gradmap" else 2),
+                       eval_seqlen=None if args.no_eval else args.eval_seqlen)
+
+
+def cmd_plan(args) -> int:
+    """``gradmap plan``: the memory plan of a prune with the same flags, nothing loaded."""
+    path, limits = _model_limits(args)
+    _check_prune_flags(args, limits)
+    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    check_positive(world, "--world-size")
+    device = torch.device(args.device)
+    skeleton_plan = _plan(args, path, device, world)
+    if args.json:
+        print(json.dumps(skeleton_plan.as_dict(), indent=2))
+        return 0
+    print(format_plan(skeleton_plan, world))
+    return 0 if skeleton_plan.fits else 2
+
+
+def _plan(args, path: Path, device: torch.device, world: int):
+    skeleton = build_skeleton(read_config(path))
+    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return plan_run(ModelShape.from_model(skeleton), _run_settings(args, world), device=device,
+                    dtype=parse_dtype(args.dtype), max_memory=args.max_memory, device_capacity=capacity)
+
+
+def format_plan(plan, world: int = 1) -> str:
+    """The memory plan as a table (GiB), one row per item, for ``gradmap plan`` and prune's refusal."""
+    rows = [("resident weights", plan.resident_weights), ("streamed layers in flight", plan.streamed_slots),
+            ("activations per micro-batch (forward)", plan.activations_forward),
+            ("activations per micro-batch (backward)", plan.activations_backward),
+            ("boundary hidden states", plan.boundary_states), ("hidden-state gradients", plan.gradients),
+            ("LM head (logits chunk)", plan.lm_head), ("Gram matrices (stage 2)", plan.gram),
+            ("score buffers", plan.scores)]
+    lines = [f"plan: {plan.mode} on {plan.device} ({plan.dtype}), {world} process(es); weights "
+             f"{plan.weights_total / GiB:.2f} GiB, {plan.resident_layers} layers resident, {plan.streamed_layers} "
+             "streamed"]
+    lines += [f"  {name:<40} {value / GiB:>10.3f} GiB" for name, value in rows]
+    lines.append(f"  {'estimated peak on ' + plan.device:<40} {plan.peak_device / GiB:>10.3f} GiB")
+    if plan.device.startswith("cuda"):
+        lines.append(f"  {'host memory (units kept on the host)':<40} {plan.peak_host / GiB:>10.3f} GiB")
+    lines.append(f"  {'weight bytes moved per decision':<40} {plan.moved_per_decision / GiB:>10.3f} GiB")
+    if plan.budget:
+        lines.append("  budget: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in plan.budget.items()))
+    if not plan.fits:
+        lines.append(f"  DOES NOT FIT: {plan.advice}")
+    return "\n".join(lines)
+
+
+def cmd_prune(args) -> int:
+    """``gradmap prune``: the whole pipeline; prints the PPL table and where the checkpoint went."""
+    parallel = init_from_environment(args.device)
+    device = rank_device(args.device)
+    args.metric = args.metric or (DEFAULT_METRIC if args.method == "gradmap" else None)
+    try:
+        check_output_dir(args.output, args.overwrite)
+    except (ValueError, OSError) as exc:
+        raise type(exc)(str(exc).replace("output_dir:", "--output:", 1).replace("overwrite=True (--overwrite)",
+                                                                                  "--overwrite")) from None
+    path, limits = _model_limits(args)
+    out = Path(args.output).expanduser().absolute()
+    if out == path.absolute() or path.absolute() in out.parents:
+        raise ValueError(f"--output: {str(out)!r} is the input model's directory (or inside it); writing there would "
+                         "replace the model being pruned: choose another --output")
+    _check_prune_flags(args, limits)
+    eval_text = None if args.no_eval else args.eval_text
+    calib_split = _text_split(args.text, "calibration", eval_text)
+    _check_text_files(args, calib_split, eval_text)
+    plan = _plan(args, path, device, parallel.world_size)
+    if not plan.fits:
+        raise ValueError(f"--max-memory: the run does not fit: {plan.advice}")
     state = _state_path(args.output)
-    if args.resume and not state.exists():
-        log.warning("--resume: no state file %s (no interrupted run recorded): starting from the first decision", state)
-    if state.exists() and not args.resume:
-        log.warning("deleting the stage-1 state file %s of an earlier run (pass --resume to continue it)", state)
-        state.unlink()
-    model, tokenizer = _load(args)
-    calibration = _calibration(args, model, tokenizer, calib_split)
-    eval_ids = None
-    if not args.no_eval:
-        eval_ids = tokenize(tokenizer, load_text(args.eval_text, _text_split(args.eval_text, "test", args.text)))
-    result = prune(model, calibration, num_layers=args.num_layers, ratio=args.ratio, method=args.method,
-                   metric=args.metric,
-                   compensate_mode=args.compensate, ridge=args.ridge, protected=args.protected,
-                   micro_batch=args.micro_batch, eval_tokens=eval_ids, eval_seqlen=args.eval_seqlen,
-                   eval_max_tokens=args.eval_tokens or None, seed=args.seed, inplace=True, backend=args.backend,
-                   progress=not args.quiet, resume=state if args.method == "gradmap" else None,
-                   verify_top=args.verify_top)
-    result.settings.update(model=str(args.model), dtype=args.dtype, text=args.text, eval_text=args.eval_text,
-                           text_split=calib_split)
-    path = result.save(args.output, tokenizer, overwrite=args.overwrite)
-    state.unlink(missing_ok=True)  # the checkpoint is complete: nothing left to resume
+    lock = _output_lock(args.output) if parallel.is_main else contextlib.nullcontext()
+    with lock:
+        if state.exists() and not (args.resume or args.restart):
+            raise ValueError(f"--resume: an interrupted run's stage-1 state ({state}) exists for this --output: pass "
+                             "--resume to continue it or --restart to discard it")
+        if args.resume and not state.exists():
+            log.warning("--resume: no state file %s (no interrupted run recorded): starting from the first decision",
+                        state)
+        if args.restart and state.exists() and parallel.is_main:
+            state.unlink()
+        parallel.barrier()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        calibration = _calibration(args, tokenizer, calib_split, limits.max_length)
+        eval_ids = None
+        if not args.no_eval:
+            eval_ids = tokenize(tokenizer, load_text(args.eval_text, _text_split(args.eval_text, "test", args.text)))
+            if eval_ids.numel() < 2:
+                raise ValueError(f"--eval-text: the evaluation text has {eval_ids.numel()} tokens; need at least 2")
+        log.info("%s: %s run on %s (%s), weights %.2f GiB, estimated peak %.2f GiB", path, plan.mode, device,
+                 args.dtype, plan.weights_total / GiB, plan.peak_device / GiB)
+        result = prune(str(path) if args.model not in NAMED_MODELS else args.model, calibration,
+                       num_layers=args.num_layers, ratio=args.ratio, method=args.method,
+                       metric=args.metric or DEFAULT_METRIC, compensate_mode=args.compensate, ridge=args.ridge,
+                       protected=args.protected, micro_batch=args.micro_batch, eval_tokens=eval_ids,
+                       eval_seqlen=args.eval_seqlen, eval_max_tokens=args.eval_tokens or None, seed=args.seed,
+                       backend=args.backend, progress=not args.quiet and parallel.is_main,
+                       resume=state if args.method == "gradmap" else None, verify_top=args.verify_top,
+                       folds=args.folds, max_memory=args.max_memory, device=device, dtype=args.dtype)
+        result.settings.update(model=str(args.model), text=args.text, eval_text=args.eval_text,
+                               text_split=calib_split)
+        if parallel.is_main:
+            written = result.save(args.output, tokenizer, overwrite=args.overwrite)
+            state.unlink(missing_ok=True)  # the checkpoint is complete: nothing left to resume
+        parallel.barrier()
+    if not parallel.is_main:
+        return 0
+    _print_result(args, result, written)
+    return 0
+
+
+def _print_result(args, result, path: Path) -> None:
     print()
     print(f"method {args.method}: removed layers (original indices): {sorted(result.removed)}  "
-          f"(removal order {result.removed}); {result.selection.passes:g} forward-equivalent passes")
+          f"(removal order {result.removed}); {result.selection.passes:.1f} forward-equivalent passes")
+    if result.removed_original is not None:
+        print(f"in the original dense model of this chain: removed {sorted(result.removed_original)}, "
+              f"kept {result.kept_original}")
     if result.selection.extra.get("zeroed_sub_blocks"):
         print(f"zeroed sub-blocks: {result.selection.extra['zeroed_sub_blocks']}")
+    if result.selection.extra.get("note"):
+        print(f"note: {result.selection.extra['note']}")
     if result.perplexity:
         print(f"{'model':<12} {'layers':>6} {'PPL':>9} {'tokens':>8} {'tok/s':>8}")
         for name, r in result.perplexity.items():
@@ -303,15 +474,11 @@ def cmd_prune(args) -> int:
     for note in result.compensation.notes:
         print(f"stage 2 note: {note}")
     print(f"checkpoint: {path}  (report: {path / 'gradmap_report.json'})")
-    return 0
 
 
 def cmd_score(args) -> int:
     """``gradmap score``: one scoring pass over the calibration set, every layer's score."""
-    from .scoring import layer_scores
-    from .validation import check_positive
-
-    limits = _model_limits(args)
+    path, limits = _model_limits(args)
     try:
         check_positive(args.nsamples, "--nsamples")
         check_positive(args.micro_batch, "--micro-batch")
@@ -320,10 +487,21 @@ def cmd_score(args) -> int:
         raise _cli_names(exc) from None
     if limits.max_length is not None and args.seqlen > limits.max_length:
         raise ValueError(f"--seqlen: {args.seqlen} exceeds the model's maximum sequence length {limits.max_length}")
-    model, tokenizer = _load(args)
-    calibration = _calibration(args, model, tokenizer, _text_split(args.text, "calibration", None))
-    scores, stats = layer_scores(model, calibration, args.metric, micro_batch=args.micro_batch,
-                                 progress=not args.quiet, backend=args.backend)
+    if args.backend == "fused" and adapter_for_type(limits.model_type).mlp_out_kind != "linear":
+        raise ValueError(f"--backend: fused needs nn.Linear projections; {limits.model_type} uses Conv1D: use "
+                         "--backend hooks")
+    _check_text_files(args, _text_split(args.text, "calibration", None), None)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    calibration = _calibration(args, tokenizer, _text_split(args.text, "calibration", None), limits.max_length)
+    log.info("loading model %s", args.model)
+    model, _ = load_model(path, dtype=args.dtype, device=args.device)
+    engine = Engine(ModelWeights(model, get_adapter(model), device=torch.device(args.device),
+                                 dtype=parse_dtype(args.dtype)), progress=not args.quiet)
+    try:
+        traj = engine.trajectory(Windows.from_calibration(calibration, args.micro_batch))
+        scores, stats = layer_scores(traj, args.metric, backend=args.backend)
+    finally:
+        engine.close()
     order = sorted(range(len(scores)), key=lambda i: float(scores[i]))
     if args.json:
         print(json.dumps({"metric": args.metric, "backend": args.backend, "scores": scores.tolist(), "order": order,
@@ -339,39 +517,41 @@ def cmd_score(args) -> int:
 
 def cmd_eval(args) -> int:
     """``gradmap eval``: perplexity of a model on a text and, with ``--tasks``, zero-shot accuracy."""
-    from .data import load_text, tokenize
-    from .evaluation import perplexity
-
-    limits = _model_limits(args)
-    if args.seqlen < 2 or (limits.max_length is not None and args.seqlen > limits.max_length):
-        raise ValueError(f"--seqlen: must be in [2, {limits.max_length}] (the model's maximum), got {args.seqlen}")
-    if args.stride is not None and not 1 <= args.stride <= args.seqlen:
-        raise ValueError(f"--stride: must be in [1, --seqlen={args.seqlen}] (unset: = seqlen), got {args.stride}")
-    if args.tokens not in (0, None) and args.tokens < 2:
-        raise ValueError(f"--tokens: must be 0 (all tokens) or >= 2, got {args.tokens}")
+    path, limits = _model_limits(args)
+    if not args.no_ppl:
+        if args.seqlen < 2 or (limits.max_length is not None and args.seqlen > limits.max_length):
+            raise ValueError(f"--seqlen: must be in [2, {limits.max_length}] (the model's maximum), got {args.seqlen}")
+        if args.stride is not None and not 1 <= args.stride <= args.seqlen:
+            raise ValueError(f"--stride: must be in [1, --seqlen={args.seqlen}] (unset: = seqlen), got {args.stride}")
+        if args.tokens not in (0, None) and args.tokens < 2:
+            raise ValueError(f"--tokens: must be 0 (all tokens) or >= 2, got {args.tokens}")
     zero_shot = None
+    tasks = None
     if args.tasks is not None:
-        from .zeroshot import parse_tasks, task_config
-
-        tasks = parse_tasks(args.tasks)  # bad names, missing lm_eval or data: fail before the model loads
-        for task in tasks:
-            task_config(task)
+        try:
+            tasks = parse_tasks(args.tasks)  # bad names, missing lm_eval or data: fail before the model loads
+            for task in tasks:
+                task_config(task)
+        except ValueError as exc:
+            raise _cli_names(exc) from None
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit: must be >= 1, got {args.limit}")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size: must be >= 1, got {args.batch_size}")
     elif args.no_ppl:
         raise ValueError("--no-ppl: nothing to evaluate without --tasks")
-    text = None if args.no_ppl else load_text(args.text, _text_split(args.text, "test", None))
-    model, tokenizer = _load(args)
+    text = None
+    if not args.no_ppl:
+        _check_text_files(argparse.Namespace(text=args.text), _text_split(args.text, "test", None), None)
+        text = load_text(args.text, _text_split(args.text, "test", None))
+    log.info("loading model %s", args.model)
+    model, tokenizer = load_model(path, dtype=args.dtype, device=args.device)
     r = None
     if text is not None:
         ids = tokenize(tokenizer, text)
         r = perplexity(model, ids, seqlen=args.seqlen, stride=args.stride, max_tokens=args.tokens or None,
                        progress=not args.quiet)
-    if args.tasks is not None:
-        from .zeroshot import evaluate_zero_shot
-
+    if tasks is not None:
         zero_shot = evaluate_zero_shot(model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size,
                                        progress=not args.quiet)
     if args.json:
@@ -384,10 +564,19 @@ def cmd_eval(args) -> int:
         print(f"PPL {r.ppl:.3f} on {r.tokens} tokens (seqlen {r.seqlen}, stride {r.stride}, "
               f"{r.tokens_per_s:.0f} tok/s)")
     if zero_shot is not None:
-        from .zeroshot import format_table
-
         print(format_table(zero_shot))
     return 0
+
+
+def _check_counts(args) -> None:
+    """Reject negative token counts before any work (0 means "all tokens")."""
+    for name in ("eval_tokens", "tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 0 (0 = all tokens), got {value}")
+
+
+COMMANDS = {"prune": cmd_prune, "plan": cmd_plan, "score": cmd_score, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,9 +590,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _setup(args)
         _check_counts(args)
-        return {"prune": cmd_prune, "score": cmd_score, "eval": cmd_eval}[args.command](args)
+        return COMMANDS[args.command](args)
     except (ValueError, OSError, ImportError) as exc:
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = " ".join(str(_cli_names(exc)).split()) or type(exc).__name__
         print(f"gradmap: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

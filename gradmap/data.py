@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .models import cache_dir
+from .paths import cache_dir
 
 WIKI = "wiki"
 SPLITS = ("calibration", "test")

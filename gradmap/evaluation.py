@@ -4,6 +4,11 @@ The stream is cut into windows of ``seqlen`` tokens starting every ``stride`` to
 tokens not already scored by the previous window (all of them when ``stride == seqlen``), with the window's earlier
 tokens as context. PPL = exp(mean NLL over scored tokens), the standard fixed-length evaluation used by the
 layer-pruning literature (e.g. SLEB, arXiv 2402.09025, Sec. 5.1, with stride = seqlen).
+
+The windows run through the layer engine (:mod:`gradmap.engine`) like everything else: one decoder layer at a time
+(a model bigger than memory streams), the LM head through the fused linear cross-entropy (no full logits), data
+parallel over ranks. :func:`perplexity` takes a plain ``nn.Module`` and wraps it; :func:`view_perplexity` evaluates
+any view of an engine (the dense model, the pruned one before and after compensation) without building it.
 """
 
 from __future__ import annotations
@@ -13,11 +18,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
-from .adapters import model_device
+from .adapters import get_adapter, model_device
+from .engine import IGNORE, Engine, ModelWeights, View, Windows
 
 
 @dataclass
@@ -34,44 +38,40 @@ class Perplexity:
     tokens_per_s: float
 
     def as_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
         return asdict(self)
 
 
-def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seqlen: int = 1024, stride: int | None = None,
-               max_tokens: int | None = None, micro_batch: int = 4, progress: bool = False) -> Perplexity:
-    """Perplexity of ``model`` on ``token_ids``.
+def perplexity_windows(token_ids: torch.Tensor, *, seqlen: int = 1024, stride: int | None = None,
+                       max_tokens: int | None = None, micro_batch: int = 4, max_length: int | None = None) -> Windows:
+    """Cut a token stream into the windows of the module docstring, with targets only on the scored tokens.
 
     Args:
         token_ids: LongTensor ``[num_tokens]``; only the first ``max_tokens`` are used when given.
-        seqlen: window length in tokens (≤ the model's ``max_position_embeddings``).
-        stride: tokens between window starts (``None``: ``seqlen``; otherwise must be in [1, seqlen]; 0 is refused).
+        seqlen: window length in tokens (≤ ``max_length``, the model's maximum, when given).
+        stride: tokens between window starts (``None``: ``seqlen``; otherwise in [1, seqlen]).
         micro_batch: windows per forward.
-
-    Returns:
-        :class:`Perplexity`.
 
     Raises:
         ValueError: bad ``seqlen``/``stride``/``max_tokens``/``micro_batch``, ``seqlen`` above the model's limit, or
-            fewer than 2 tokens.
+            fewer than 2 tokens (each named as the CLI flag).
     """
     if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"max_tokens: must be >= 2 (or None for all tokens), got {max_tokens}")
+        raise ValueError(f"--eval-tokens: must be >= 2 (or 0 for all tokens), got {max_tokens}")
     if micro_batch < 1:
-        raise ValueError(f"micro_batch: must be >= 1, got {micro_batch}")
+        raise ValueError(f"--micro-batch: must be >= 1, got {micro_batch}")
     stride = seqlen if stride is None else stride
     if seqlen < 2:
-        raise ValueError(f"seqlen: must be >= 2, got {seqlen}")
+        raise ValueError(f"--eval-seqlen: must be >= 2, got {seqlen}")
     if not 1 <= stride <= seqlen:
-        raise ValueError(f"stride: must be in [1, seqlen={seqlen}], got {stride}")
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seqlen > limit:
-        raise ValueError(f"seqlen: {seqlen} exceeds the model's maximum sequence length {limit}")
+        raise ValueError(f"--stride: must be in [1, seqlen={seqlen}], got {stride}")
+    if max_length is not None and seqlen > max_length:
+        raise ValueError(f"--eval-seqlen: {seqlen} exceeds the model's maximum sequence length {max_length}")
     ids = token_ids[:max_tokens] if max_tokens else token_ids
     n = ids.numel()
     if n < 2:
-        raise ValueError(f"evaluation text has {n} tokens; need at least 2")
-    # windows: (begin, end, first scored position within the window)
-    windows = []
+        raise ValueError(f"--eval-text: the evaluation text has {n} tokens; need at least 2")
+    windows = []  # (begin, end, first scored position within the window)
     scored_until = 1  # token 0 has no context and is never scored
     begin = 0
     while scored_until < n:
@@ -81,26 +81,49 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seqlen: int = 1024,
         if end == n:
             break
         begin += stride
-    device = model_device(model)
-    total_nll, total_tokens = 0.0, 0
+    width = max(e - b for b, e, _ in windows)
+    inp = torch.zeros(len(windows), width, dtype=torch.long)
+    mask = torch.zeros(len(windows), width, dtype=torch.long)
+    targets = torch.full((len(windows), width), IGNORE, dtype=torch.long)
+    for r, (b, e, first) in enumerate(windows):
+        inp[r, : e - b] = ids[b:e]
+        mask[r, : e - b] = 1
+        targets[r, first - 1: e - b - 1] = ids[b + first:e]  # position t predicts token t+1
+    return Windows(inp, mask, targets, micro_batch)
+
+
+def view_perplexity(engine: Engine, windows: Windows, view: View | None = None, *, seqlen: int,
+                    stride: int) -> Perplexity:
+    """Perplexity of ``view`` (default: the engine's live view) on ``windows`` (:func:`perplexity_windows`), one
+    layer at a time, nothing stored but the current hidden states; all ranks' windows."""
     start = time.perf_counter()
-    with torch.no_grad():
-        batches = [windows[i:i + micro_batch] for i in range(0, len(windows), micro_batch)]
-        for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
-            width = max(e - b for b, e, _ in batch)
-            inp = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            labels = torch.full((len(batch), width), -100, dtype=torch.long)
-            for r, (b, e, first) in enumerate(batch):
-                inp[r, : e - b] = ids[b:e]
-                mask[r, : e - b] = 1
-                labels[r, first: e - b] = ids[b + first:e]
-            logits = model(input_ids=inp.to(device), attention_mask=mask.to(device), use_cache=False).logits
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(device),
-                                  ignore_index=-100, reduction="sum")
-            total_nll += float(nll)
-            total_tokens += int((labels[:, 1:] != -100).sum())
+    traj = engine.trajectory(windows, view=view.copy() if view is not None else engine.view.copy(), keep=False)
+    try:
+        total, count = traj.loss()
+    finally:
+        engine.release(traj)
     seconds = time.perf_counter() - start
-    mean = total_nll / total_tokens
-    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=total_tokens, seqlen=seqlen, stride=stride,
-                      seconds=seconds, tokens_per_s=total_tokens / max(seconds, 1e-9))
+    mean = total / max(count, 1)
+    return Perplexity(ppl=math.exp(mean), nll=mean, tokens=count, seqlen=seqlen, stride=stride, seconds=seconds,
+                      tokens_per_s=count / max(seconds, 1e-9))
+
+
+def perplexity(model: nn.Module, token_ids: torch.Tensor, *, seqlen: int = 1024, stride: int | None = None,
+               max_tokens: int | None = None, micro_batch: int = 4, progress: bool = False) -> Perplexity:
+    """Perplexity of a resident ``model`` on ``token_ids`` (module docstring; windows as :func:`perplexity_windows`).
+
+    The model is left as it was (``requires_grad`` flags and training mode restored).
+
+    Raises:
+        ValueError: see :func:`perplexity_windows`.
+    """
+    windows = perplexity_windows(token_ids, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
+                                 micro_batch=micro_batch,
+                                 max_length=getattr(model.config, "max_position_embeddings", None))
+    param = next(model.parameters())
+    engine = Engine(ModelWeights(model, get_adapter(model), device=model_device(model), dtype=param.dtype),
+                    progress=progress)
+    try:
+        return view_perplexity(engine, windows, seqlen=seqlen, stride=seqlen if stride is None else stride)
+    finally:
+        engine.close()

@@ -22,12 +22,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from .data import Calibration
-from .pruning import Step
+from .engine import ModelWeights
+from .methods.base import Step
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: steps counted from 1, streamed checkpoints fingerprinted
 
 
 def _digest_tensors(named) -> str:
@@ -39,14 +39,37 @@ def _digest_tensors(named) -> str:
     return h.hexdigest()
 
 
-def fingerprint(model: nn.Module, calibration: Calibration, settings: dict) -> dict:
+def _digest_checkpoint(weights: ModelWeights) -> str:
+    """SHA-256 over a streamed checkpoint's tensor names, dtypes and shapes, its shard files' sizes, and the first
+    and last MiB of every shard (reading the whole of a 140 GB checkpoint to resume would defeat the purpose)."""
+    h = hashlib.sha256()
+    source = weights.source
+    for name in sorted(weights.key_of):
+        key = weights.key_of[name]
+        h.update(f"{name}|{source.dtype(key)}|".encode())
+    for file in sorted(set(source.files.values())):
+        size = file.stat().st_size
+        h.update(f"{file.name}|{size}|".encode())
+        with open(file, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(size - (1 << 20), 0))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def fingerprint(weights: ModelWeights, calibration: Calibration, settings: dict) -> dict:
     """What stage-1 decisions depend on: ``{"model": sha256, "calibration": sha256, "settings": {...}}``.
 
+    The model digest covers every parameter and buffer of a resident model (names, dtypes, shapes, bytes), or a
+    streamed checkpoint's tensor list, shard sizes and the first and last MiB of each shard.
+
     Args:
-        model: the dense model, before any layer is removed.
+        weights: the dense model's weights, before any layer is removed.
         settings: JSON-serialisable decision settings (target, metric, protected, micro_batch, backend, seed).
     """
-    return {"model": _digest_tensors(model.state_dict().items()),
+    model = (_digest_tensors(weights.model.state_dict().items()) if weights.source is None
+             else _digest_checkpoint(weights))
+    return {"model": model,
             "calibration": _digest_tensors([("input_ids", calibration.input_ids),
                                             ("attention_mask", calibration.attention_mask)]),
             "settings": json.loads(json.dumps(settings))}
@@ -68,14 +91,14 @@ def load_state(path: str | os.PathLike, expected: dict) -> list[Step]:
         if state.get("version") != STATE_VERSION:
             raise KeyError("version")
     except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f"resume: {str(path)!r} is not a gradmap state file (version {STATE_VERSION})") from None
+        raise ValueError(f"--resume: {str(path)!r} is not a gradmap state file (version {STATE_VERSION})") from None
     diffs = [k for k in ("model", "calibration") if recorded.get(k) != expected[k]]
     rec_settings = recorded.get("settings", {})
     diffs += [f"setting {k} ({rec_settings.get(k)!r} recorded, {v!r} now)" for k, v in expected["settings"].items()
               if rec_settings.get(k) != v]
     if diffs:
-        raise ValueError(f"resume: {str(path)!r} was recorded for a different run; differs in: {', '.join(diffs)}. "
-                         "Delete it (or resume with the original model, calibration and settings)")
+        raise ValueError(f"--resume: {str(path)!r} was recorded for a different run; differs in: {', '.join(diffs)}. "
+                         "Pass --restart to discard it (or resume with the original model, calibration and settings)")
     return [Step(int(s["step"]), {int(k): float(v) for k, v in s["scores"].items()}, int(s["removed"]),
                  float(s["seconds"])) for s in steps]
 

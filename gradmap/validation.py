@@ -8,21 +8,47 @@ protected list or sequence length is reported in well under a second, before gig
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .adapters import adapter_for_type
-from .pruning import resolve_target
+from .names import check_compensation
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
+def resolve_target(num_layers_total: int, num_layers: int | None = None, ratio: float | None = None,
+                   protected: list[int] | tuple[int, ...] = ()) -> int:
+    """Number of decoder layers to remove, from exactly one of ``num_layers`` or ``ratio``.
+
+    ``ratio`` is rounded half up: ``floor(ratio * L + 0.5)`` (30 layers at 0.25 → 8).
+
+    Raises:
+        ValueError: if both or neither are given; ``num_layers`` not in [1, L-1]; ``ratio`` not in (0, 1) or rounding
+            to 0 or L; a protected index out of range; or too few unprotected layers to reach the target.
+    """
+    if (num_layers is None) == (ratio is None):
+        raise ValueError("num_layers: give exactly one of num_layers or ratio")
+    if ratio is not None:
+        if not 0.0 < float(ratio) < 1.0:
+            raise ValueError(f"ratio: must be in (0, 1), got {ratio}")
+        target = math.floor(float(ratio) * num_layers_total + 0.5)
+        if not 1 <= target < num_layers_total:
+            raise ValueError(f"ratio: {ratio} of {num_layers_total} layers rounds to {target} layers; "
+                             f"need between 1 and {num_layers_total - 1}")
+    else:
+        target = int(num_layers)
+        if not 1 <= target < num_layers_total:
+            raise ValueError(f"num_layers: must be between 1 and {num_layers_total - 1} for a model with "
+                             f"{num_layers_total} decoder layers, got {num_layers}")
+    bad = [p for p in protected if not 0 <= int(p) < num_layers_total]
+    if bad:
+        raise ValueError(f"protected: indices {bad} out of range [0, {num_layers_total - 1}]")
+    free = num_layers_total - len(set(int(p) for p in protected))
+    if target > free:
+        raise ValueError(f"protected: {num_layers_total - free} protected layers leave {free} removable, "
+                         f"fewer than the target {target}")
+    return target
 
 def check_ridge(ridge: float | None, name: str = "ridge") -> None:
     """Accept ``None`` (chosen by cross-validation) or a finite number >= 0.
@@ -72,39 +98,6 @@ def check_device(device: str | torch.device, name: str = "--device") -> torch.de
     return dev
 
 
-def check_model_dir(path: str | os.PathLike) -> None:
-    """Check that a local directory holds a complete, unquantized Hugging Face causal-LM checkpoint.
-
-    Raises:
-        FileNotFoundError: no ``config.json``, no weight file (a config-only directory), or no tokenizer files.
-        ValueError: unreadable ``config.json``, a ``quantization_config`` in it, or a GGUF file instead of weights
-            (dequantize it first).
-    """
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model: {str(path)!r} holds no config.json; it is not a Hugging Face model directory")
-    try:
-        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"model: {str(path / 'config.json')!r} is not valid JSON: {exc}") from None
-    if isinstance(raw, dict) and raw.get("quantization_config"):
-        method = raw["quantization_config"].get("quant_method", "?") if isinstance(raw["quantization_config"], dict) \
-            else "?"
-        raise ValueError(f"model: {str(path)!r} is quantized (quant_method {method!r}); gradmap needs a dequantized "
-                         "float model (load it dequantized and save_pretrained it plainly first)")
-    gguf = sorted(p.name for p in path.glob("*.gguf"))
-    if not any((path / f).is_file() for f in WEIGHT_FILES) and not any(path.glob("*.safetensors")):
-        if gguf:
-            raise ValueError(f"model: {str(path)!r} holds a GGUF file ({gguf[0]}) and no safetensors/bin weights; "
-                             "dequantize it first: AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., "
-                             "quantization_config=GgufConfig(dequantize=True)) then save_pretrained")
-        raise FileNotFoundError(f"model: {str(path)!r} holds a config.json but no weights "
-                                f"(none of {', '.join(WEIGHT_FILES)})")
-    if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(f"model: {str(path)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
-                                "save the tokenizer into the model directory (tokenizer.save_pretrained(dir))")
-
-
 @dataclass(frozen=True)
 class ModelLimits:
     """What :func:`check_prune_plan` needs from a model config: family, decoder layers, longest sequence (tokens)."""
@@ -141,8 +134,6 @@ def check_prune_plan(limits: ModelLimits, *, num_layers: int | None = None, rati
             ``seqlen`` or ``eval_seqlen`` < 2 or above the model's maximum; ``nsamples`` < 1, or < 2 with
             compensation (one window is held out); a bad ridge or micro-batch; unknown compensation mode.
     """
-    from .methods import check_compensation
-
     n = names or {}
     adapter_for_type(limits.model_type)
     check_compensation(compensate)

@@ -22,7 +22,7 @@ those three numbers are not directly comparable with published lm-eval test-spli
 
 Side effects: sets ``HF_DATASETS_OFFLINE=1`` and ``HF_HUB_OFFLINE=1`` (``os.environ.setdefault``) before ``datasets``
 is imported, so nothing tries the network; lm-eval writes a processed copy of each task's arrow file under
-``gradmap.models.cache_dir()/datasets`` once; the model is put in eval mode for the run and its previous training mode
+``gradmap.paths.cache_dir()/datasets`` once; the model is put in eval mode for the run and its previous training mode
 restored afterwards. Global RNGs are not reseeded (scoring is deterministic; there are no few-shot examples).
 """
 
@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Iterable
 
 from torch import nn
+
+from .paths import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +183,6 @@ def task_config(task: str, data_dir: str | Path | None = None) -> dict:
     arrow = Path(data_dir if data_dir is not None else data_root()) / data_rel / _ARROW
     if not arrow.is_file():
         raise FileNotFoundError(f"data_dir: no {task} data at {arrow}")
-    from .models import cache_dir
 
     cfg = load_yaml(yaml_path, resolve_func=True)
     if cfg.get("task") != task or cfg.get("output_type") != "multiple_choice":

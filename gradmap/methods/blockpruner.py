@@ -32,14 +32,9 @@ import math
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..adapters import get_adapter
-from ..data import Calibration
-from ..pruning import Selection, Step
-from ..removal import remove_layers
-from .common import Timer
-from ..prefix import DEFAULT_CACHE_BYTES, PrefixCache, resumed_loss
+from ..engine import Candidate, Trajectory
+from .base import Selection, Step, Timer
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +66,7 @@ def _label(layer: int, kind: str) -> str:
 def _check_family(layer: nn.Module) -> None:
     for kind, (attr, proj) in _PATHS.items():
         if not isinstance(getattr(getattr(layer, attr, None), proj, None), nn.Linear):
-            raise ValueError(f"method: blockpruner needs decoder layers with {attr}.{proj} (Llama-style sub-blocks); "
+            raise ValueError(f"--method blockpruner needs decoder layers with {attr}.{proj} (Llama-style sub-blocks); "
                              f"{type(layer).__name__} has none")
 
 
@@ -80,93 +75,91 @@ def sub_block_params(layer: nn.Module, kind: str) -> int:
     return sum(p.numel() for p in getattr(layer, _PATHS[kind][0]).parameters())
 
 
-def zero_sub_block_(layer: nn.Module, kind: str) -> None:
-    """Set the output projection of ``kind`` (weight and bias) to zero in place, so the sub-block adds 0."""
-    proj = getattr(getattr(layer, _PATHS[kind][0]), _PATHS[kind][1])
-    with torch.no_grad():
-        proj.weight.zero_()
-        if proj.bias is not None:
-            proj.bias.zero_()
+def zeroed_output(layer: nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """Overrides that set the output projection of sub-block ``kind`` (weight and bias) to zero, so it adds 0: how a
+    lone removed sub-block is represented in a plain checkpoint (names relative to the layer)."""
+    attr, proj = _PATHS[kind]
+    module = getattr(getattr(layer, attr), proj)
+    out = {f"{attr}.{proj}.weight": torch.zeros(module.weight.shape, dtype=module.weight.dtype)}
+    if module.bias is not None:
+        out[f"{attr}.{proj}.bias"] = torch.zeros(module.bias.shape, dtype=module.bias.dtype)
+    return out
 
 
-def select_blockpruner(model: nn.Module, calibration: Calibration, target: int, *, protected=(),
-                       micro_batch: int = 8, progress: bool = False,
-                       cache_bytes: int = DEFAULT_CACHE_BYTES) -> Selection:
-    """Run BlockPruner on the dense ``model`` IN PLACE until the parameters of ``target`` layers are removed.
+def select_blockpruner(traj: Trajectory, target: int, *, protected=()) -> Selection:
+    """Run BlockPruner on the engine's (dense) live view until the parameters of ``target`` layers are removed.
 
-    Each candidate's calibration PPL is computed by a forward resumed from the cached hidden state entering its layer
-    (:mod:`gradmap.prefix`, one cache pass per decision; ``cache_bytes=0``: plain full forwards).
+    Each decision evaluates every remaining sub-block's removal with one resumed forward (all candidates in one
+    engine sweep, each starting from the stored hidden states entering its layer).
 
     Returns:
         :class:`Selection`: ``removed`` = the wholly dropped layers (original indices, in the order their second
         sub-block went); step scores = calibration PPL per candidate sub-block (``"<layer>.attn"|"<layer>.mlp"``);
         ``layer_scores`` = per layer, the lower first-step PPL of its two sub-blocks; ``extra`` = the sub-block
         removal order, the zeroed sub-blocks and ``removed_params`` / ``zeroed_params`` / ``target_params``.
+        Dropped layers leave the live view; a half-removed layer keeps the zeroed output projection as an override.
 
     Raises:
-        ValueError: a family without Llama-style sub-blocks, or protected layers leaving too little to remove.
+        ValueError: a family without Llama-style sub-blocks, or protected layers leaving too little to remove. A
+            target spent entirely on sub-blocks of different layers (no whole layer dropped) is not an error: the
+            selection's ``extra["note"]`` says so (and it is logged as a warning).
     """
-    adapter = get_adapter(model)
-    layers = adapter.layers(model)
-    n = len(layers)
-    for layer in layers:
+    engine = traj.engine
+    model_layers = engine.adapter.layers(engine.model)
+    n = engine.n_layers
+    for layer in model_layers:
         _check_family(layer)
     protected = {int(p) for p in protected}
-    sizes = {(i, k): sub_block_params(layers[i], k) for i in range(n) for k in SUB_BLOCKS}
-    layer_size = {i: sum(p.numel() for p in layers[i].parameters()) for i in range(n)}
+    sizes = {(i, k): sub_block_params(model_layers[i], k) for i in range(n) for k in SUB_BLOCKS}
+    layer_size = {i: engine.layer_params[i] for i in range(n)}
     # Budget: the sub-block parameters of `target` average layers (norm weights are not part of a sub-block).
     target_params = round(target * sum(sizes.values()) / n)
     if sum(v for (i, _), v in sizes.items() if i not in protected) < target_params:
         raise ValueError(f"protected: the unprotected sub-blocks hold fewer parameters than {target} layers")
-    originals: dict[tuple[int, str], nn.Module] = {}
+    removed: dict[tuple[int, str], bool] = {}
     order: list[str] = []
     dropped: list[int] = []
     selection = Selection(method="blockpruner")
 
-    def effective() -> int:
-        return sum(sizes[key] for key in originals)
-
-    while effective() < target_params:
+    while sum(sizes[key] for key in removed) < target_params:
         with Timer() as t:
-            candidates = [(i, k) for i in range(n) for k in SUB_BLOCKS if i not in protected and (i, k) not in originals]
-            scores: dict[str, float] = {}
-            cache = PrefixCache(model, calibration, micro_batch=micro_batch, max_bytes=cache_bytes,
-                                last=max(i for i, _ in candidates), adapter=adapter)
-            passes = cache.passes
-            for i, k in tqdm(candidates, desc="blockpruner", disable=not progress, leave=False):
-                attr = _PATHS[k][0]
-                module = getattr(layers[i], attr)
-                setattr(layers[i], attr, RemovedSubBlock(k))
-                try:
-                    nll, cost = resumed_loss(model, calibration, cache, start=i)
-                    scores[_label(i, k)] = math.exp(nll)
-                    passes += cost
-                finally:
-                    setattr(layers[i], attr, module)
+            work0 = engine.work
+            kept = list(engine.view.kept)
+            candidates = [(i, k) for i in kept for k in SUB_BLOCKS if i not in protected and (i, k) not in removed]
+            losses = traj.candidate_losses([Candidate(kept.index(i), patches={_PATHS[k][0]: RemovedSubBlock(k)})
+                                            for i, k in candidates], desc="blockpruner")
+            scores = {_label(i, k): math.exp(total / max(count, 1)) for (i, k), (total, count) in
+                      zip(candidates, losses)}
             best = min(candidates, key=lambda c: (scores[_label(*c)], c))
-            originals[best] = getattr(layers[best[0]], _PATHS[best[1]][0])
-            setattr(layers[best[0]], _PATHS[best[1]][0], RemovedSubBlock(best[1]))
-        selection.passes += passes
+            selection.passes += traj.passes(engine.work - work0)
+            removed[best] = True
+            if all((best[0], k) in removed for k in SUB_BLOCKS):
+                dropped.append(best[0])
+                engine.remove(best[0])
+            else:
+                engine.set_patches(best[0], {_PATHS[best[1]][0]: RemovedSubBlock(best[1])})
         order.append(_label(*best))
-        if all((best[0], k) in originals for k in SUB_BLOCKS):
-            dropped.append(best[0])
-        selection.steps.append(Step(len(selection.steps), scores, _label(*best), t.seconds))
+        selection.steps.append(Step(len(selection.steps) + 1, scores, _label(*best), t.seconds))
         logger.info("blockpruner step %d: removed %s (PPL %.3f) in %.1f s", len(order), _label(*best),
                     scores[_label(*best)], t.seconds)
+    note = None
+    if not dropped:
+        note = (f"BlockPruner spent its budget of {target} layer(s) ({target_params} parameters) on {len(order)} "
+                f"sub-blocks of different layers ({', '.join(order)}) and removed NO whole decoder layer: the "
+                "checkpoint keeps every layer, with those sub-blocks' output projections zeroed (no parameters "
+                "saved); raise --num-layers/--ratio to drop whole layers")
+        logger.warning(note)
     first = selection.steps[0].scores
     selection.layer_scores = {i: min(first[_label(i, k)] for k in SUB_BLOCKS) for i in range(n) if i not in protected}
-
-    # Materialise: put the real modules back, zero the output projection of half-removed layers, drop whole ones.
-    for (i, k), module in originals.items():
-        setattr(layers[i], _PATHS[k][0], module)
-    zeroed = sorted(_label(i, k) for (i, k) in originals if i not in dropped)
-    for (i, k) in originals:
-        if i not in dropped:
-            zero_sub_block_(layers[i], k)
-    remove_layers(model, dropped, adapter)
+    # Materialise: a half-removed layer gets its sub-block's output projection zeroed (an override), no patch.
+    zeroed = sorted((key for key in removed if key[0] not in dropped), key=lambda c: (c[0], c[1]))
+    for i, k in zeroed:
+        engine.view.patches.pop(i, None)
+        engine.set_overrides(i, zeroed_output(model_layers[i], k))
     selection.removed = list(dropped)
-    removed_params = sum(layer_size[i] for i in dropped)
-    zeroed_params = sum(sizes[key] for key in originals if key[0] not in dropped)
-    selection.extra = {"sub_block_order": order, "zeroed_sub_blocks": zeroed, "removed_params": removed_params,
-                       "zeroed_params": zeroed_params, "target_params": target_params}
+    selection.extra = {"sub_block_order": order, "zeroed_sub_blocks": [_label(i, k) for i, k in zeroed],
+                       "removed_params": sum(layer_size[i] for i in dropped),
+                       "zeroed_params": sum(sizes[key] for key in zeroed), "target_params": target_params}
+    if note:
+        selection.extra["note"] = note
     return selection

@@ -16,27 +16,29 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from ..data import Calibration
-from .common import Timer, calibration_loss
+from ..engine import Trajectory
+from .base import Timer
 from .ppl import leave_one_out_losses
 
 
-def oracle_loss_increase(model: nn.Module, windows: Calibration, *, micro_batch: int = 8,
-                         progress: bool = False) -> dict:
-    """Loss increase of removing each single decoder layer of ``model`` (module docstring), L + 1 forwards (the L
-    leave-one-out forwards resumed from cached hidden states, :mod:`gradmap.prefix`).
+def oracle_loss_increase(traj: Trajectory) -> dict:
+    """Loss increase of removing each single decoder layer of the trajectory's view (module docstring): one forward
+    and L leave-one-out forwards resumed from the stored hidden states.
 
     Returns:
-        ``{"dense_nll": float, "increase": {layer: float}, "seconds": float, "passes": float}`` (nats/token, seconds,
-        forward-equivalent passes).
+        ``{"dense_nll": float, "increase": {original layer: float}, "seconds": float, "passes": float}``
+        (nats/token, seconds, forward-equivalent passes).
     """
+    engine = traj.engine
+    work0 = engine.work
     with Timer() as t:
-        base = calibration_loss(model, windows, micro_batch)
-        losses, passes = leave_one_out_losses(model, windows, micro_batch=micro_batch, progress=progress)
-    return {"dense_nll": base, "increase": {p: v - base for p, v in losses.items()}, "seconds": t.seconds,
-            "passes": passes + 1}
+        total, count = traj.loss()
+        base = total / max(count, 1)
+        losses = leave_one_out_losses(traj)
+    kept = traj.view.kept
+    return {"dense_nll": base, "increase": {kept[p]: v - base for p, v in losses.items()}, "seconds": t.seconds,
+            "passes": traj.passes(engine.work - work0)}
 
 
 def _average_ranks(values: list[float]) -> list[float]:

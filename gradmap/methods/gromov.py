@@ -12,48 +12,54 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from ..adapters import get_adapter
-from ..data import Calibration
-from ..pruning import Selection, Step
-from .common import Timer, hidden_states_per_layer, remove_by_original
+from ..engine import Trajectory
+from .base import Selection, Step, Timer
 
 
-def angular_distances(model: nn.Module, calibration: Calibration, block_sizes: list[int], *,
-                      micro_batch: int = 8) -> tuple[dict[int, torch.Tensor], float]:
+def angular_distances(traj: Trajectory, block_sizes: list[int]) -> tuple[dict[int, torch.Tensor], float]:
     """Angular distance of every contiguous block of each size in ``block_sizes`` (module docstring formula).
 
     Returns:
-        ``({n: d}, seconds)``: ``d`` fp64 ``[L - n + 1]`` on CPU, ``d[l]`` for the block starting at current layer
-        ``l``, every value in [0, 1]; wall time in seconds.
+        ``({n: d}, seconds)``: ``d`` fp64 ``[L - n + 1]`` on CPU, ``d[l]`` for the block starting at position ``l``,
+        every value in [0, 1]; wall time in seconds. Sums are all-reduced over ranks.
 
     Raises:
         ValueError: a block size outside [1, L].
     """
-    adapter = get_adapter(model)
-    n_layers = len(adapter.layers(model))
+    n_layers = traj.n
     bad = [n for n in block_sizes if not 1 <= n <= n_layers]
     if bad:
         raise ValueError(f"block_sizes: {bad} outside [1, {n_layers}]")
-    sums = {n: torch.zeros(n_layers - n + 1, dtype=torch.float64) for n in block_sizes}
-    sequences = 0
+    last_states: dict[int, list] = {}  # micro-batch -> [h_0 .. h_L] at each sequence's last real token
+
+    def observe(position, orig, k, h_in, h_out):
+        mask = traj.mask(k)
+        last = (mask.sum(dim=1) - 1).clamp_min(0)  # right padding: last real position
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        states = last_states.setdefault(k, [])
+        if position == 0:
+            states.append(h_in[rows, last].double())
+        states.append(h_out[rows, last].double())
+
     with Timer() as t:
-        for ids, mask in calibration.batches(micro_batch):
-            states = hidden_states_per_layer(model, ids, mask, adapter)
-            last = (mask.sum(dim=1) - 1).clamp_min(0).to(states[0].device)  # right padding: last real position
-            rows = torch.arange(ids.shape[0], device=last.device)
-            h = torch.stack([s[rows, last].double() for s in states])  # [L+1, batch, hidden]
+        traj.walk(observe)
+        sums = {n: torch.zeros(n_layers - n + 1, dtype=torch.float64) for n in block_sizes}
+        sequences = torch.zeros(1, dtype=torch.float64)
+        for states in last_states.values():
+            h = torch.stack(states)  # [L+1, batch, hidden]
             for n, acc in sums.items():
                 cos = torch.nn.functional.cosine_similarity(h[:-n], h[n:], dim=-1).clamp(-1.0, 1.0)
                 acc += (torch.arccos(cos) / math.pi).sum(dim=1).cpu()
-            sequences += ids.shape[0]
-    return {n: acc / sequences for n, acc in sums.items()}, t.seconds
+            sequences += h.shape[1]
+        for acc in sums.values():
+            traj.engine.all_reduce_(acc)
+        traj.engine.all_reduce_(sequences)
+    return {n: acc / float(sequences) for n, acc in sums.items()}, t.seconds
 
 
-def select_gromov(model: nn.Module, calibration: Calibration, target: int, *, protected=(), micro_batch: int = 8,
-                  kept: list[int] | None = None) -> Selection:
-    """Remove the contiguous block of ``target`` layers with the smallest angular distance from ``model`` IN PLACE.
+def select_gromov(traj: Trajectory, target: int, *, protected=()) -> Selection:
+    """Remove the contiguous block of ``target`` layers with the smallest angular distance from the live view.
 
     Blocks containing a protected layer are not candidates. The step scores are keyed by the block's first ORIGINAL
     index; :attr:`Selection.layer_scores` holds the single-layer (n = 1) distances, the per-layer fidelity input.
@@ -61,22 +67,24 @@ def select_gromov(model: nn.Module, calibration: Calibration, target: int, *, pr
     Raises:
         ValueError: every block of ``target`` layers contains a protected layer.
     """
-    kept = list(range(len(get_adapter(model).layers(model)))) if kept is None else list(kept)
+    engine = traj.engine
+    kept = list(engine.view.kept)
+    work0 = engine.work
     sizes = sorted({target, 1})
-    dist, seconds = angular_distances(model, calibration, sizes, micro_batch=micro_batch)
+    dist, seconds = angular_distances(traj, sizes)
     protected = {int(p) for p in protected}
     blocks = {kept[s]: float(d) for s, d in enumerate(dist[target].tolist())}
-    allowed = [(d, s) for s, d in enumerate(dist[target].tolist())
-               if not protected & set(kept[s:s + target])]
+    allowed = [(d, s) for s, d in enumerate(dist[target].tolist()) if not protected & set(kept[s:s + target])]
     if not allowed:
         raise ValueError(f"protected: every block of {target} contiguous layers contains a protected layer")
     _, start = min(allowed)
     victims = kept[start:start + target]
-    selection = Selection(method="gromov", passes=1,
+    selection = Selection(method="gromov", passes=traj.passes(engine.work - work0),
                           layer_scores={kept[i]: float(d) for i, d in enumerate(dist[1].tolist())},
                           extra={"block_start": kept[start], "block_size": target, "distance": blocks[kept[start]]})
     for k, victim in enumerate(victims):
         selection.removed.append(victim)
-        selection.steps.append(Step(k, dict(blocks), victim, seconds if k == 0 else 0.0))
-    remove_by_original(model, victims, kept)
+        selection.steps.append(Step(k + 1, dict(blocks), victim, seconds if k == 0 else 0.0))
+    for victim in victims:
+        engine.remove(victim)
     return selection

@@ -2,47 +2,50 @@
 
 :math:`BI_l = 1 - \\mathbb{E}_t \\frac{h_{l,t}^\\top h_{l+1,t}}{\\|h_{l,t}\\|\\,\\|h_{l+1,t}\\|}`, with :math:`h_l` the
 hidden state entering layer *l* and :math:`h_{l+1}` the one leaving it, averaged over the real (unpadded) tokens of the
-calibration set. Lower = the layer changes its input less = removed first. Cost: one forward of the decoder stack.
+calibration set. Lower = the layer changes its input less = removed first. Cost: one forward of the decoder stack
+(read from the engine's stored boundaries when they are already there).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
-from ..adapters import get_adapter
-from ..data import Calibration
-from ..pruning import Selection
-from .common import Timer, hidden_states_per_layer, one_shot_selection, remove_by_original
+from ..engine import Trajectory
+from .base import Selection, Timer, one_shot_selection
 
 
-def block_influence(model: nn.Module, calibration: Calibration, *, micro_batch: int = 8) -> tuple[torch.Tensor, float]:
-    """Block Influence of every decoder layer (formula in the module docstring).
+def block_influence(traj: Trajectory) -> tuple[torch.Tensor, float]:
+    """Block Influence of every decoder layer of the trajectory's view (formula in the module docstring).
 
     Returns:
-        ``(scores, seconds)``: fp32 ``[num_layers]`` on CPU (current positions) and the wall time in seconds.
+        ``(scores, seconds)``: fp32 ``[num_positions]`` on CPU and the wall time in seconds. Sums are all-reduced
+        over ranks.
     """
-    adapter = get_adapter(model)
-    n = len(adapter.layers(model))
-    sums = torch.zeros(n, dtype=torch.float64)
-    tokens = 0
+    sums = torch.zeros(traj.n + 1, dtype=torch.float64)  # last entry: the token count
+
+    def observe(position, orig, k, h_in, h_out):
+        real = traj.mask(k).bool()
+        cos = F.cosine_similarity(h_in[real].float(), h_out[real].float(), dim=-1)
+        sums[position] += float(cos.double().sum())
+        if position == 0:
+            sums[-1] += int(real.sum())
+
     with Timer() as t:
-        for ids, mask in calibration.batches(micro_batch):
-            states = hidden_states_per_layer(model, ids, mask, adapter)
-            real = mask.bool().flatten().to(states[0].device)
-            flat = [h.flatten(0, 1)[real].float() for h in states]
-            for i in range(n):
-                sums[i] += torch.nn.functional.cosine_similarity(flat[i], flat[i + 1], dim=-1).double().sum().cpu()
-            tokens += int(real.sum())
-    return (1.0 - sums / tokens).float(), t.seconds
+        traj.walk(observe)
+        traj.engine.all_reduce_(sums)
+    return (1.0 - sums[:-1] / sums[-1]).float(), t.seconds
 
 
-def select_shortgpt(model: nn.Module, calibration: Calibration, target: int, *, protected=(), micro_batch: int = 8,
-                    kept: list[int] | None = None) -> Selection:
-    """Remove the ``target`` layers of lowest Block Influence from ``model`` IN PLACE (one forward, one-shot)."""
-    kept = list(range(len(get_adapter(model).layers(model)))) if kept is None else list(kept)
-    scores, seconds = block_influence(model, calibration, micro_batch=micro_batch)
+def select_shortgpt(traj: Trajectory, target: int, *, protected=()) -> Selection:
+    """Remove the ``target`` layers of lowest Block Influence from the engine's live view (one forward, one-shot)."""
+    engine = traj.engine
+    kept = list(engine.view.kept)
+    work0 = engine.work
+    scores, seconds = block_influence(traj)
     by_orig = {orig: float(s) for orig, s in zip(kept, scores.tolist())}
-    selection, victims = one_shot_selection("shortgpt", by_orig, target, protected, seconds, passes=1)
-    remove_by_original(model, victims, kept)
+    selection = one_shot_selection("shortgpt", by_orig, target, protected, seconds,
+                                   passes=traj.passes(engine.work - work0))
+    for victim in selection.removed:
+        engine.remove(victim)
     return selection

@@ -15,8 +15,8 @@ Unlike GradMAP's stage 2 (:func:`gradmap.compensation.compensate`, which cross-v
 the identity), nothing is held out: all calibration windows feed the fit, the ridge penalises :math:`\\|T\\|^2` as in
 Eq. 4 (``solve_ridge``'s default ``prior="zero"``), it is fixed (:data:`REPLACEME_RIDGE`, relative to the mean
 diagonal of :math:`M^\\top M`, as in :func:`gradmap.projection.solve_ridge`) and the fold is always applied. The
-statistics, solve and fold reuse :func:`gradmap.compensation.fit_projection`, :func:`gradmap.projection.solve_ridge`
-and :func:`gradmap.projection.fold_projection_`.
+statistics, solve and fold reuse :func:`.statistics.gram_statistics` (every token: no attention-sink skip),
+:func:`gradmap.projection.solve_ridge` and :func:`.fit.fold_overrides`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ from __future__ import annotations
 import logging
 import time
 
-from torch import nn
-
-from ..adapters import get_adapter
-from ..compensation import CompensationResult, LayerFit, aligned_dense_layer, fit_projection, gap_positions
-from ..data import Calibration
-from ..projection import fold_projection_, solve_ridge
+from ..engine import Trajectory
+from ..projection import solve_ridge
+from .fit import CompensationResult, LayerFit, fold_overrides
+from .statistics import aligned_dense_layer, gap_positions, gram_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -38,20 +36,18 @@ logger = logging.getLogger(__name__)
 REPLACEME_RIDGE = 1e-3
 
 
-def replaceme_compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], calibration: Calibration, *,
-                         ridge: float | None = None, micro_batch: int = 8) -> CompensationResult:
-    """Fold ReplaceMe's closed-form T into the ``down_proj`` of the kept layer before every removed block, IN PLACE.
+def replaceme_compensate(traj: Trajectory, dense: Trajectory, *, ridge: float | None = None) -> CompensationResult:
+    """Fold ReplaceMe's closed-form T into the ``down_proj`` of the kept layer before every removed block.
 
     Args:
-        dense: the unpruned model (read only).
-        pruned: the pruned model (its down projections change).
-        kept: original index of each layer of ``pruned``.
+        traj: the calibration trajectory through the engine's live (pruned) view; the folds become its overrides.
+        dense: the calibration trajectory through the dense view.
         ridge: relative ridge λ ≥ 0 (default :data:`REPLACEME_RIDGE`).
 
     Returns:
         :class:`gradmap.compensation.CompensationResult` with ``mode="replaceme"``, one fit per removed block
-        (held-out losses are ``None``: nothing is held out); ``notes`` warns when the fit saw fewer than 4× the
-        hidden size in tokens (underdetermined).
+        (losses are ``None``: nothing is held out); ``notes`` warns when the fit saw fewer than 4× the hidden size in
+        tokens (underdetermined).
 
     Raises:
         ValueError: negative ridge. ``torch.linalg.LinAlgError``: singular system with ``ridge=0``.
@@ -59,25 +55,24 @@ def replaceme_compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], c
     ridge = REPLACEME_RIDGE if ridge is None else float(ridge)
     if ridge < 0:
         raise ValueError(f"ridge: must be >= 0, got {ridge}")
-    start = time.perf_counter()
+    engine = traj.engine
+    start, work0 = time.perf_counter(), engine.work
     result = CompensationResult(mode="replaceme")
-    adapter = get_adapter(pruned)
-    n_dense = len(get_adapter(dense).layers(dense))
+    kept = list(engine.view.kept)
     if kept[0] != 0:
         result.notes.append(f"layers 0..{kept[0] - 1} removed at the start: no kept layer before them to fold into")
-    for position in gap_positions(kept, n_dense):
+    for position in gap_positions(kept, dense.n):
         t0 = time.perf_counter()
-        G, C, tokens = fit_projection(dense, pruned, kept, position, calibration, micro_batch=micro_batch,
-                                      skip_first=0)  # ReplaceMe fits on every calibration token
+        stats = gram_statistics(traj, dense, position, skip_first=0)  # ReplaceMe fits on every calibration token
+        G, C = stats.total()
         T = solve_ridge(G, C, ridge)
-        down = adapter.down_proj(adapter.layers(pruned)[position])
-        fold_projection_(down.weight, T, down.bias)
+        engine.set_overrides(kept[position], fold_overrides(engine, traj.view, kept[position], T))
         result.fits.append(LayerFit(layer=kept[position], position=position,
-                                    aligned_dense_layer=aligned_dense_layer(kept, position, n_dense), ridge=ridge,
-                                    heldout_loss_before=None, heldout_loss_after=None, candidates={}, applied=True,
-                                    tokens=tokens, seconds=time.perf_counter() - t0,
+                                    aligned_dense_layer=aligned_dense_layer(kept, position, dense.n), ridge=ridge,
+                                    loss_before=None, loss_after=None, candidates={}, applied=True,
+                                    tokens=stats.tokens, seconds=time.perf_counter() - t0,
                                     note="ReplaceMe: fixed ridge, all calibration windows, no held-out check"))
-    hidden = pruned.config.hidden_size
+    hidden = engine.config.hidden_size
     if result.fits and result.fits[0].tokens < 4 * hidden:
         warning = (f"ReplaceMe fitted T ({hidden}x{hidden}) on {result.fits[0].tokens} calibration tokens, fewer than "
                    f"4x the hidden size: the fit is underdetermined and can ruin the model (seen: PPL 169 -> 9688 "
@@ -85,4 +80,5 @@ def replaceme_compensate(dense: nn.Module, pruned: nn.Module, kept: list[int], c
         result.notes.append(warning)
         logger.warning(warning)
     result.seconds = time.perf_counter() - start
+    result.passes = traj.passes(engine.work - work0)
     return result

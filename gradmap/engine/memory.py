@@ -1,0 +1,268 @@
+"""The memory planner: how many bytes a run needs where, and whether the weights stay resident or stream.
+
+Everything here is arithmetic on the model's config and the run's settings; nothing is loaded. :func:`plan_run`
+estimates, per device (the compute device, and the host):
+
+* **weights**: the bytes of every unit (decoder layer, and the embeddings/final norm/LM head "outer" unit) in the
+  compute dtype, counted exactly from a meta-device skeleton of the model; the units that fit the budget are
+  resident, the others stream (read from the checkpoint while in use; at most two streamed layers in memory: the one
+  in use and the next);
+* **activations** of one micro-batch through one decoder layer: the forward transients, and the recomputed forward
+  with grad plus its backward in the reverse sweep (saved tensors ≈ ``(16·hidden + 6·ffn)·itemsize`` per token for a
+  gated MLP, ``(16·hidden + 4·ffn)`` otherwise, plus ``heads·seqlen²·4`` bytes per window when attention is eager);
+* **boundary states**: ``(L + 1)`` hidden states of every calibration token of this rank (``tokens·hidden·itemsize``
+  each), twice when stage 2 keeps the dense trajectory, and one more set of gradients during the backward;
+* **LM head**: one chunk of fp32 logits and their gradient (``chunk·vocab·4·2``) plus the rows' gradient;
+* **Gram matrices** (stage 2): ``2·(folds + 1)`` fp64 ``hidden × hidden`` matrices and one eigendecomposition;
+* **score buffers**: one fp32 per layer (negligible, listed for completeness).
+
+The weight bytes moved per decision are the streamed units' bytes times the sweeps a decision makes over them (a
+forward, a backward, and a segment recompute when boundaries are checkpointed).
+
+``max_memory`` uses accelerate's notation (``"20GiB"``, ``"1.5GB"``, bytes as an int; in the API also a per-device
+dict ``{0: "70GiB", "cpu": "200GiB"}``, parsed with ``accelerate.utils.convert_file_size_to_int``). On CUDA the
+device budget covers weights AND working set; the host budget (``"cpu"``) bounds units kept in host memory. On CPU
+the budget bounds the host memory that WEIGHTS may hold (the working set comes on top and is reported).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from accelerate.utils import convert_file_size_to_int
+
+from ..adapters import get_adapter
+
+GiB = 1 << 30
+#: Streamed layers resident at once: the one in use and the next one being read.
+STREAM_SLOTS = 2
+
+
+def parse_max_memory(value, device: torch.device) -> dict[str, int]:
+    """``max_memory`` → ``{"device": bytes | absent, "cpu": bytes | absent}`` for a run on ``device``.
+
+    A single size applies to the compute device (the host when computing on CPU). A dict uses accelerate's keys:
+    a GPU index (or ``"cuda:N"``) and ``"cpu"``; keys for other GPUs are ignored (each rank computes on one).
+
+    Raises:
+        ValueError: an unreadable size (named ``--max-memory``) or a non-positive one.
+    """
+    def size(v) -> int:
+        try:
+            n = convert_file_size_to_int(v)
+        except (ValueError, TypeError, AttributeError):
+            raise ValueError(f"--max-memory: {v!r} is not a size like 20GiB, 1.5GB or 800MB") from None
+        if n <= 0:
+            raise ValueError(f"--max-memory: must be positive, got {v!r}")
+        return n
+
+    device = torch.device(device)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        return {"device" if device.type != "cpu" else "cpu": size(value)}
+    out = {}
+    for key, v in value.items():
+        k = str(key)
+        if k == "cpu":
+            out["cpu"] = size(v)
+        elif device.type == "cuda" and (k == str(device.index or 0) or k == f"cuda:{device.index or 0}"):
+            out["device"] = size(v)
+        elif device.type == "cpu" and k not in ("cpu",):
+            continue
+    return out
+
+
+@dataclass
+class ModelShape:
+    """The sizes the planner needs, read from a config and a meta skeleton.
+
+    ``layer_params`` per decoder layer and ``outer_params`` (embeddings, final norm, LM head once if tied) are
+    element counts; ``gated`` says the MLP has gate and up projections.
+    """
+
+    num_layers: int
+    hidden: int
+    ffn: int
+    heads: int
+    vocab: int
+    layer_params: list[int]
+    outer_params: int
+    gated: bool = True
+    eager_attention: bool = False
+
+    @classmethod
+    def from_model(cls, model) -> "ModelShape":
+        """Read the shape of a ``*ForCausalLM`` (a meta skeleton is enough: no parameter data is touched)."""
+        adapter = get_adapter(model)
+        layers = adapter.layers(model)
+        cfg = model.config
+        text = getattr(cfg, "get_text_config", lambda: cfg)()
+        layer_ids = {id(p) for layer in layers for p in layer.parameters()}
+        outer = sum(p.numel() for p in model.parameters() if id(p) not in layer_ids)
+        names = {n for n, _ in layers[0].named_modules()} if len(layers) else set()
+        ffn = (getattr(text, "intermediate_size", None) or getattr(text, "ffn_dim", None)
+               or getattr(text, "n_inner", None) or 4 * text.hidden_size)
+        return cls(num_layers=len(layers), hidden=text.hidden_size, ffn=int(ffn),
+                   heads=int(getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1)),
+                   vocab=int(text.vocab_size), layer_params=[sum(p.numel() for p in layer.parameters())
+                                                               for layer in layers],
+                   outer_params=outer, gated=any(n.endswith("gate_proj") or n.endswith("gate_up_proj") for n in names),
+                   eager_attention=getattr(cfg, "_attn_implementation", None) == "eager")
+
+
+@dataclass
+class RunSettings:
+    """What the planner needs to know about a run (tokens are per window; sizes in tokens)."""
+
+    nsamples: int
+    seqlen: int
+    micro_batch: int = 8
+    world_size: int = 1
+    compensate: bool = True
+    folds: int = 4
+    stride: int = 1
+    candidates: int = 1  # resumed streams alive at once (leave-one-out searches hold more)
+    eval_seqlen: int | None = None
+    logits_chunk: int = 4096
+
+
+@dataclass
+class MemoryPlan:
+    """The estimate of :func:`plan_run` (bytes unless said otherwise)."""
+
+    device: str
+    dtype: str
+    mode: str  # "resident" | "streamed"
+    weights_total: int
+    resident_weights: int
+    streamed_slots: int
+    largest_layer: int
+    activations_forward: int
+    activations_backward: int
+    boundary_states: int
+    gradients: int
+    lm_head: int
+    gram: int
+    scores: int
+    peak_device: int
+    peak_host: int
+    moved_per_decision: int
+    resident_layers: int
+    streamed_layers: int
+    placement: dict = field(default_factory=dict)
+    budget: dict = field(default_factory=dict)
+    fits: bool = True
+    advice: str = ""
+
+    def as_dict(self) -> dict:
+        """JSON-ready (placement keys as strings)."""
+        d = asdict(self)
+        d["placement"] = {str(k): v for k, v in self.placement.items()}
+        return d
+
+
+def _activation_bytes(shape: ModelShape, settings: RunSettings, itemsize: int) -> tuple[int, int]:
+    bt = settings.micro_batch * settings.seqlen
+    attn = shape.heads * settings.seqlen ** 2 * 4 * settings.micro_batch if shape.eager_attention else 0
+    forward = bt * (4 * shape.hidden + (3 if shape.gated else 2) * shape.ffn) * itemsize + attn
+    backward = bt * (16 * shape.hidden + (6 if shape.gated else 4) * shape.ffn) * itemsize + 2 * attn
+    return forward, backward
+
+
+def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, dtype: torch.dtype,
+             max_memory=None, device_capacity: int | None = None) -> MemoryPlan:
+    """Estimate a run's memory per device and decide resident vs streamed (module docstring).
+
+    Args:
+        shape: :meth:`ModelShape.from_model` of the model.
+        settings: calibration and run sizes.
+        device, dtype: compute device and dtype.
+        max_memory: accelerate-notation budget (:func:`parse_max_memory`); ``None``: the device's capacity
+            (``device_capacity`` for CUDA; unlimited host memory on CPU).
+        device_capacity: bytes of the CUDA device (total memory), when known.
+
+    Returns:
+        :class:`MemoryPlan`: ``fits`` is False (with ``advice``) when not even streaming fits the budget.
+    """
+    device = torch.device(device)
+    item = dtype.itemsize
+    budget = parse_max_memory(max_memory, device)
+    if device.type == "cuda" and "device" not in budget and device_capacity:
+        budget["device"] = int(device_capacity * 0.92)  # leave the CUDA context and allocator slack
+    layer_bytes = [p * item for p in shape.layer_params]
+    outer_bytes = shape.outer_params * item
+    total = sum(layer_bytes) + outer_bytes
+    largest = max(layer_bytes, default=0)
+    tokens = math.ceil(settings.nsamples / settings.world_size) * settings.seqlen
+    state = tokens * shape.hidden * item
+    boundaries = math.ceil((shape.num_layers + 1) / settings.stride + 1) * state
+    if settings.compensate:
+        boundaries += (shape.num_layers + 1) * state  # the dense trajectory kept for stage 2
+    boundaries += max(settings.candidates - 1, 0) * state
+    gradients = 2 * state
+    fwd, bwd = _activation_bytes(shape, settings, item)
+    head = settings.logits_chunk * shape.vocab * 4 * 2 + settings.logits_chunk * shape.hidden * 4
+    gram = (2 * (settings.folds + 1) + 2) * shape.hidden ** 2 * 8 if settings.compensate else 0
+    scores = shape.num_layers * 4
+    working = boundaries + gradients + max(fwd, bwd) + head + gram + scores
+
+    # Placement: fill the weight budget with the outer unit first, then layers in order; the rest streams.
+    if device.type == "cuda":
+        weight_budget = budget["device"] - working - STREAM_SLOTS * largest if "device" in budget else None
+        host_budget = budget.get("cpu")
+    else:
+        weight_budget = budget["cpu"] - STREAM_SLOTS * largest if "cpu" in budget else None
+        host_budget = None
+    placement: dict = {}
+    used = 0
+    host_used = 0
+    units = [("outer", outer_bytes)] + list(enumerate(layer_bytes))
+    if weight_budget is None or total <= (weight_budget + STREAM_SLOTS * largest):
+        placement = {u: "device" for u, _ in units}
+        used = total
+    else:
+        for u, b in units:
+            if used + b <= weight_budget:
+                placement[u] = "device"
+                used += b
+            elif device.type == "cuda" and host_budget is not None and host_used + b <= host_budget:
+                placement[u] = "host"
+                host_used += b
+            else:
+                placement[u] = "stream"
+    streamed = [u for u, p in placement.items() if p != "device"]
+    mode = "resident" if not streamed else "streamed"
+    slots = min(STREAM_SLOTS, len([u for u in streamed if u != "outer"])) * largest
+    if "outer" in streamed:
+        slots += outer_bytes
+    sweeps = 2 + (1 if settings.stride > 1 else 0)  # forward + backward (+ segment recompute)
+    moved = sum(b for u, b in units if placement[u] != "device") * sweeps
+    if device.type == "cuda":
+        peak_device = used + slots + working
+        peak_host = host_used
+    else:
+        peak_device = used + slots + working
+        peak_host = peak_device
+    fits = True
+    advice = ""
+    if device.type == "cuda" and "device" in budget and working + outer_bytes + STREAM_SLOTS * largest > budget["device"]:
+        fits = False
+        advice = (f"the working set ({working / GiB:.1f} GiB: boundary states {boundaries / GiB:.1f} GiB, activations "
+                  f"{max(fwd, bwd) / GiB:.1f} GiB, Gram {gram / GiB:.1f} GiB) plus two layers does not fit "
+                  f"{budget['device'] / GiB:.1f} GiB on {device}: lower --nsamples/--seqlen/--micro-batch, run on more "
+                  "GPUs (torchrun), or raise --max-memory")
+    elif device.type == "cpu" and "cpu" in budget and outer_bytes + STREAM_SLOTS * largest > budget["cpu"]:
+        fits = False
+        advice = (f"--max-memory {budget['cpu'] / GiB:.2f} GiB is below the embeddings/LM head plus two decoder layers "
+                  f"({(outer_bytes + STREAM_SLOTS * largest) / GiB:.2f} GiB), the least a streamed run holds; raise it")
+    return MemoryPlan(device=str(device), dtype=str(dtype).replace("torch.", ""), mode=mode, weights_total=total,
+                      resident_weights=used, streamed_slots=slots, largest_layer=largest, activations_forward=fwd,
+                      activations_backward=bwd, boundary_states=boundaries, gradients=gradients, lm_head=head,
+                      gram=gram, scores=scores, peak_device=peak_device, peak_host=peak_host,
+                      moved_per_decision=moved, resident_layers=sum(1 for u in placement if u != "outer" and
+                                                                    placement[u] == "device"),
+                      streamed_layers=sum(1 for u in streamed if u != "outer"), placement=placement,
+                      budget={k: v for k, v in budget.items()}, fits=fits, advice=advice)

@@ -1,0 +1,80 @@
+"""GradMAP's stage-1 schedule: score every layer with one forward + backward, drop the least important, re-score.
+
+Each decision costs one scoring pass over the calibration set (arXiv 2602.14649, Sec. 3, stage 1), resumed: after a
+layer at position *p* is removed, the next forward starts from the stored hidden states entering *p* (the engine's
+boundaries), so only the layers after it run forward again; the backward always sweeps every layer. Layers are
+reported by their ORIGINAL indices (0-based, position in the dense model) throughout.
+
+``verify_top = k > 1`` (our extension, not in the paper): each decision removes, among the ``k`` lowest-scored
+unprotected layers, the one whose removal gives the lowest calibration NLL (``k`` resumed forwards, one engine sweep):
+the gradient metric shortlists, the loss decides, as SLEB does over all layers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from ..engine import Candidate, Trajectory
+from .base import Selection, Step, Timer
+from .metrics import layer_scores
+
+logger = logging.getLogger(__name__)
+
+
+def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_norm", backend: str = "hooks",
+                   protected=(), verify_top: int = 0, recorded: list[Step] | None = None,
+                   on_step: Callable[[Selection], None] | None = None) -> Selection:
+    """Remove ``target`` layers from the engine's live view, one per scoring pass, lowest score first.
+
+    Args:
+        traj: the calibration set's trajectory through the engine's live view.
+        target: total number of layers to remove (including ``recorded`` ones).
+        metric, backend: see :func:`gradmap.methods.metrics.layer_scores`.
+        protected: original indices that are never removed.
+        verify_top: shortlist size checked by calibration NLL (0 or 1: off; module docstring).
+        recorded: decisions of an interrupted run to replay without scoring (:mod:`gradmap.resume`).
+        on_step: called with the selection after every new decision (to record it).
+
+    Returns:
+        The :class:`Selection` (``extra["verified"]`` holds each decision's shortlist NLLs, nats/token, with
+        ``verify_top`` > 1).
+
+    Raises:
+        ValueError: ``verify_top`` < 0, or fewer unprotected layers than ``target``.
+    """
+    if int(verify_top) < 0:
+        raise ValueError(f"verify_top: must be >= 0, got {verify_top}")
+    engine = traj.engine
+    protected = {int(p) for p in protected}
+    selection = Selection(method="gradmap")
+    for step in recorded or []:
+        engine.remove(step.removed)
+        selection.removed.append(step.removed)
+        selection.steps.append(step)
+    while len(selection.removed) < target:
+        kept = list(engine.view.kept)
+        with Timer() as t:
+            work0 = engine.work
+            scores, stats = layer_scores(traj, metric, backend=backend)
+            by_orig = {orig: float(s) for orig, s in zip(kept, scores.tolist())}
+            candidates = sorted((s, orig) for orig, s in by_orig.items() if orig not in protected)
+            if not candidates:
+                raise ValueError(f"protected: no unprotected layer left to reach the target {target}")
+            victim = candidates[0][1]
+            if verify_top > 1:
+                shortlist = [orig for _, orig in candidates[:verify_top]]
+                losses = traj.candidate_losses([Candidate(kept.index(o), skip=True) for o in shortlist],
+                                               desc="verify")
+                nll = {o: total / max(count, 1) for o, (total, count) in zip(shortlist, losses)}
+                victim = min(nll, key=lambda o: (nll[o], by_orig[o]))
+                selection.extra.setdefault("verified", []).append({str(o): v for o, v in nll.items()})
+            selection.passes += traj.passes(engine.work - work0)
+            engine.remove(victim)
+        selection.removed.append(victim)
+        selection.steps.append(Step(len(selection.steps) + 1, by_orig, victim, t.seconds))
+        logger.info("step %d: removed layer %d (score %.4g) in %.1f s", len(selection.steps), victim,
+                    by_orig[victim], t.seconds)
+        if on_step is not None:
+            on_step(selection)
+    return selection
