@@ -175,6 +175,12 @@ class Calibration:
         """Number of real (unpadded) tokens."""
         return int(self.attention_mask.sum())
 
+    @property
+    def num_targets(self) -> int:
+        """Number of predicted tokens: positions whose token and next token are both real."""
+        m = self.attention_mask
+        return int((m[:, 1:] * m[:, :-1]).sum())
+
     def batches(self, micro_batch: int):
         """Yield ``(input_ids, attention_mask)`` slices of at most ``micro_batch`` windows, in order."""
         if micro_batch < 1:

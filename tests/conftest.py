@@ -11,6 +11,8 @@ import torch
 from transformers import (AutoModelForCausalLM, FalconConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig,
                           MistralConfig, OPTConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from gradmap.adapters import get_adapter
 from gradmap.data import Calibration
 
@@ -74,8 +76,11 @@ def family(request):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A small byte-level BPE tokenizer trained in-process on a fixed text (vocab ≤ VOCAB)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    return make_tokenizer()
 
+
+def make_tokenizer():
+    """A small byte-level BPE tokenizer trained in-process on :data:`SAMPLE_TEXT` (vocab ≤ VOCAB), deterministic."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -5,7 +5,10 @@ import torch
 
 from conftest import FAMILIES, random_calibration, tiny_model
 from gradmap.adapters import get_adapter
-from gradmap.scoring import METRICS, layer_scores, lm_loss_sum, reference_layer_scores, check_metric
+from gradmap.data import Calibration
+from gradmap.methods.metrics import reduce_gradient, reference_layer_scores, score_layers
+from gradmap.names import METRICS, check_metric
+from test_engine import model_nll
 
 
 @pytest.mark.parametrize("metric", METRICS)
@@ -13,10 +16,10 @@ from gradmap.scoring import METRICS, layer_scores, lm_loss_sum, reference_layer_
 def test_scores_match_naive_reference(family, metric):
     model = tiny_model(family)
     cal = random_calibration(nsamples=4, seqlen=12, pad_last=3)
-    got, stats = layer_scores(model, cal, metric, micro_batch=2)
+    got, stats = score_layers(model, cal, metric, micro_batch=2)
     want = reference_layer_scores(model, cal, metric, micro_batch=2)
     assert got.shape == (6,)
-    assert stats.micro_batches == 2 and stats.tokens == cal.num_tokens
+    assert stats.micro_batches == 2 and stats.tokens == cal.num_targets
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     assert got.abs().min() > 0  # not a degenerate all-zero case
 
@@ -26,7 +29,7 @@ def test_single_micro_batch_is_full_batch_metric(metric):
     """With one micro-batch the score is exactly the reduction of the full-batch gradient (mean token CE)."""
     model = tiny_model("llama")
     cal = random_calibration(nsamples=3, seqlen=10)
-    got, _ = layer_scores(model, cal, metric, micro_batch=3)
+    got, _ = score_layers(model, cal, metric, micro_batch=3)
     for p in model.parameters():
         p.requires_grad_(True)
     out = model(input_ids=cal.input_ids, labels=cal.input_ids)
@@ -52,7 +55,7 @@ def test_gate_matches_finite_difference():
     extrapolation (error O(h^4)) and a 5e-3 relative tolerance."""
     model = tiny_model("llama", dtype=torch.float64)
     cal = random_calibration(nsamples=2, seqlen=8)
-    scores, _ = layer_scores(model, cal, "gate", micro_batch=2)
+    scores, _ = score_layers(model, cal, "gate", micro_batch=2)
     layers = get_adapter(model).layers(model)
     h = 1e-2
 
@@ -61,10 +64,9 @@ def test_gate_matches_finite_difference():
             h = args[0] if args else kwargs["hidden_states"]
             return h + a * (output - h)
         handle = layers[i].register_forward_hook(hook, with_kwargs=True)
-        with torch.no_grad():
-            loss, n = lm_loss_sum(model, cal.input_ids, cal.attention_mask)
+        loss, n = model_nll(model, cal)
         handle.remove()
-        return float(loss) / n
+        return loss / n
 
     for i in range(len(layers)):
         d1 = (loss_with_gate(i, 1 + h) - loss_with_gate(i, 1 - h)) / (2 * h)
@@ -81,13 +83,13 @@ def test_identity_layer_scores_zero():
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
     cal = random_calibration(nsamples=2, seqlen=8)
-    taylor, _ = layer_scores(model, cal, "taylor")
-    gate, _ = layer_scores(model, cal, "gate")
-    l1, _ = layer_scores(model, cal, "grad_l1")
+    taylor, _ = score_layers(model, cal, "taylor")
+    gate, _ = score_layers(model, cal, "gate")
+    l1, _ = score_layers(model, cal, "grad_l1")
     assert taylor[2].item() == 0.0
     assert gate[2].item() == pytest.approx(0.0, abs=1e-9)
     for metric in ("taylor_hidden", "grad_update_norm"):  # the layer's update h_out - h_in is exactly 0
-        hidden, _ = layer_scores(model, cal, metric)
+        hidden, _ = score_layers(model, cal, metric)
         assert hidden[2].item() == 0.0 and (hidden[[0, 1, 3, 4, 5]] > 0).all()
     assert l1[2].item() > 0  # grads of the zeroed matrices themselves are not zero
     assert (taylor[[0, 1, 3, 4, 5]] > 0).all()
@@ -99,11 +101,10 @@ def test_padding_is_excluded():
     cal = random_calibration(nsamples=2, seqlen=10)
     padded_ids = torch.cat([cal.input_ids, torch.zeros(2, 4, dtype=torch.long)], dim=1)
     padded_mask = torch.cat([cal.attention_mask, torch.zeros(2, 4, dtype=torch.long)], dim=1)
-    from gradmap.data import Calibration
     padded = Calibration(padded_ids, padded_mask)
     for metric in METRICS:
-        a, _ = layer_scores(model, cal, metric, micro_batch=2)
-        b, _ = layer_scores(model, padded, metric, micro_batch=2)
+        a, _ = score_layers(model, cal, metric, micro_batch=2)
+        b, _ = score_layers(model, padded, metric, micro_batch=2)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
@@ -113,7 +114,7 @@ def test_scoring_leaves_model_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     for metric in METRICS:
-        layer_scores(model, random_calibration(), metric)
+        score_layers(model, random_calibration(), metric)
     assert all(p.grad is None for p in model.parameters())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     for k, v in model.state_dict().items():
@@ -133,23 +134,27 @@ def test_fp16_overflow_detected():
             if p.dim() == 2:
                 p.fill_(float("inf"))
     with pytest.raises(ValueError, match="non-finite layer scores"):
-        layer_scores(model, cal, "grad_l2")
+        score_layers(model, cal, "grad_l2")
 
 
 @pytest.mark.parametrize("metric", ["taylor", "grad_l1", "grad_l2"])
 def test_fused_backend_equals_hooks(metric):
     model = tiny_model("llama")
     cal = random_calibration(nsamples=4, seqlen=12, pad_last=3)
-    hooks, _ = layer_scores(model, cal, metric, micro_batch=2, backend="hooks")
-    fused, _ = layer_scores(model, cal, metric, micro_batch=2, backend="fused")
+    hooks, _ = score_layers(model, cal, metric, micro_batch=2, backend="hooks")
+    fused, _ = score_layers(model, cal, metric, micro_batch=2, backend="fused")
     torch.testing.assert_close(fused, hooks, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="backend: 'cuda' is not one of hooks, fused"):
-        layer_scores(model, cal, metric, backend="cuda")
+        score_layers(model, cal, metric, backend="cuda")
+
+
+def test_fused_backend_refuses_conv1d_with_the_flag_named():
+    with pytest.raises(ValueError, match="--backend fused: .*use --backend hooks"):
+        score_layers(tiny_model("gpt2"), random_calibration(), "taylor", backend="fused")
 
 
 def test_weight_reduction_is_accurate_on_large_matrices():
     """fp32 reductions of a 4096x11008 gradient stay within 1e-5 of fp64 (naive summation was 11 % off)."""
-    from gradmap.scoring import reduce_gradient
     g = torch.Generator().manual_seed(0)
     grad = torch.randn(4096, 11008, generator=g) * 1e-3
     weight = torch.randn(4096, 11008, generator=g) * 0.02

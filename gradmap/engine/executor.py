@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import Adapter
+from ..adapters import Adapter, get_adapter
 from .context import LayerInputs, capture_layer_inputs
 from .distributed import DataParallel
 from .loss import IGNORE, head_nll, next_token_targets
@@ -234,6 +234,19 @@ class Engine:
         for p, flag in self._grad_flags:
             p.requires_grad_(flag)
         self.model.train(self._was_training)
+
+    @classmethod
+    def for_module(cls, model: nn.Module, **kwargs) -> "Engine":
+        """An engine over a resident ``*ForCausalLM`` (computed on its own device in its own dtype); ``kwargs`` as
+        the constructor's. Call :meth:`close` after (or use it as a context manager) to restore the model's flags."""
+        param = next(model.parameters())
+        return cls(ModelWeights(model, get_adapter(model), device=param.device, dtype=param.dtype), **kwargs)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ the live view
 

@@ -48,7 +48,7 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..data import Calibration
-from ..engine import Trajectory
+from ..engine import Engine, Trajectory, Windows
 from ..kernels.fused_scoring import fused_layer_scope
 from ..names import BACKENDS, HIDDEN_METRICS, WEIGHT_METRICS, check_backend, check_metric
 
@@ -185,6 +185,20 @@ def layer_scores(traj: Trajectory, metric: str = "grad_update_norm", *, backend:
                               engine.work - work0)
 
 
+def score_layers(model: nn.Module, calibration: Calibration, metric: str = "grad_update_norm", *,
+                 micro_batch: int = 8, backend: str = "hooks", progress: bool = False
+                 ) -> tuple[torch.Tensor, ScoreStats]:
+    """:func:`layer_scores` of a resident ``model`` on ``calibration`` in one call (an engine built and closed around
+    it; the model is left exactly as it was: values, ``requires_grad`` flags, no ``.grad``).
+
+    Returns:
+        ``(scores, stats)``: fp32 ``[num_layers]`` on CPU and the cost.
+    """
+    with Engine.for_module(model, progress=progress) as engine:
+        traj = engine.trajectory(Windows.from_calibration(calibration, micro_batch))
+        return layer_scores(traj, metric, backend=backend)
+
+
 def _per_forward(scope: Callable) -> Callable:
     """Wrap a layer scope so that a fused scope's per-forward call counts restart for every micro-batch forward."""
     @contextlib.contextmanager
@@ -288,4 +302,4 @@ def reference_layer_scores(model: nn.Module, calibration: Calibration, metric: s
 
 
 __all__ = ["BACKENDS", "ScoreStats", "layer_matrices", "layer_scores", "reduce_gradient", "reduce_hidden",
-           "reference_layer_scores"]
+           "reference_layer_scores", "score_layers"]

@@ -1,0 +1,137 @@
+"""Scale: data parallel over torch.distributed (gloo, 2 processes) takes the same decisions as one process; a memory
+cap smaller than the model streams and gives the resident result; the planner's sizes by hand."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from conftest import SAMPLE_TEXT, make_tokenizer, random_calibration, tiny_model
+from gradmap import prune
+from gradmap.engine.memory import GiB, ModelShape, RunSettings, parse_max_memory, plan_run
+from gradmap.engine.weights import build_skeleton
+
+SETTINGS = dict(num_layers=2, metric="grad_update_norm", compensate_mode="every-gap", micro_batch=2)
+
+
+def _summary(result) -> dict:
+    return {"removed": result.removed, "scores": {str(k): v for k, v in result.selection.steps[0].scores.items()},
+            "fits": [(f.layer, f.ridge, f.applied) for f in result.compensation.fits],
+            "shifts": {str(k): v for k, v in result.compensation.shifts.items()}}
+
+
+def _rank_main(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        result = prune(tiny_model("llama"), random_calibration(nsamples=8, seqlen=16, pad_last=3), **SETTINGS)
+        if rank == 0:
+            with open(out, "w", encoding="utf-8") as fh:
+                json.dump(_summary(result), fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_take_the_same_decisions_as_one(tmp_path):
+    single = _summary(prune(tiny_model("llama"), random_calibration(nsamples=8, seqlen=16, pad_last=3), **SETTINGS))
+    out = tmp_path / "rank0.json"
+    mp.spawn(_rank_main, args=(2, f"file://{tmp_path / 'init'}", str(out)), nprocs=2, join=True)
+    multi = json.loads(out.read_text())
+    assert multi["removed"] == single["removed"]
+    for k, v in single["scores"].items():
+        assert multi["scores"][k] == pytest.approx(v, rel=1e-4)
+    for k, v in single["shifts"].items():
+        assert multi["shifts"][k] == pytest.approx(v, rel=1e-4)
+    assert [tuple(f) for f in multi["fits"]] == [tuple(f) for f in single["fits"]]
+
+
+def test_torchrun_cli_two_processes(tmp_path):
+    model = tiny_model("qwen2", tied=True)
+    model.save_pretrained(tmp_path / "dense")
+    make_tokenizer().save_pretrained(tmp_path / "dense")
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT, encoding="utf-8")
+    common = ["--model", str(tmp_path / "dense"), "--text", str(text), "--eval-text", str(text), "--nsamples", "4",
+              "--seqlen", "16", "--micro-batch", "1", "--num-layers", "2", "--eval-seqlen", "32", "-q",
+              "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "gradmap",
+                    "prune", *common, "--output", str(tmp_path / "two")], check=True, env=env, capture_output=True)
+    subprocess.run([sys.executable, "-m", "gradmap", "prune", *common, "--output", str(tmp_path / "one")],
+                   check=True, env=env, capture_output=True)
+    two = json.loads((tmp_path / "two" / "gradmap_report.json").read_text())
+    one = json.loads((tmp_path / "one" / "gradmap_report.json").read_text())
+    assert two["settings"]["world_size"] == 2 and one["settings"]["world_size"] == 1
+    assert two["removal_order"] == one["removal_order"]
+    for k, v in one["steps"][0]["scores"].items():
+        assert two["steps"][0]["scores"][k] == pytest.approx(v, rel=1e-4)
+    assert two["perplexity"]["compensated"]["ppl"] == pytest.approx(one["perplexity"]["compensated"]["ppl"], rel=1e-4)
+    assert not any(p.name.startswith(".two") for p in tmp_path.iterdir())  # lock and state files cleaned up
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt"])
+def test_memory_cap_below_the_model_streams_and_matches_resident(family, tmp_path):
+    model = tiny_model(family)
+    model.save_pretrained(tmp_path / "dense")
+    cal = random_calibration(nsamples=6, seqlen=16, pad_last=2)
+    resident = prune(model, cal, num_layers=2)
+    size = sum(p.numel() * 4 for p in model.parameters())
+    streamed = prune(str(tmp_path / "dense"), cal, num_layers=2, max_memory=int(size * 0.6), device="cpu")
+    assert streamed.memory["mode"] == "streamed" and streamed.model is None
+    assert streamed.memory["streamed_layers"] > 0
+    assert streamed.removed == resident.removed
+    for k, v in resident.selection.steps[0].scores.items():
+        assert streamed.selection.steps[0].scores[k] == pytest.approx(v, rel=1e-5)
+    for a, b in zip(streamed.compensation.fits, resident.compensation.fits):
+        assert (a.layer, a.ridge, a.applied) == (b.layer, b.ridge, b.applied)
+    out = streamed.save(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(cal.input_ids).logits, resident.model(cal.input_ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+    folded = {n: p for n, p in reloaded.named_parameters() if "down_proj" in n or "fc2" in n}
+    mine = dict(resident.model.named_parameters())
+    for n, p in folded.items():
+        torch.testing.assert_close(p, mine[n], rtol=1e-6, atol=1e-6)
+
+
+def test_plan_sizes_by_hand():
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    shape = ModelShape.from_model(build_skeleton(config))
+    # per layer: q,k,v,o 4*64*64 + gate,up,down 3*64*128 + 2 norms 2*64 = 16384 + 24576 + 128 = 41088
+    assert shape.layer_params == [41088] * 4
+    # outer: embed 1000*64 + lm_head 1000*64 + final norm 64
+    assert shape.outer_params == 128064
+    settings = RunSettings(nsamples=8, seqlen=32, micro_batch=4, compensate=True, folds=4, logits_chunk=16)
+    plan = plan_run(shape, settings, device=torch.device("cpu"), dtype=torch.float32)
+    assert plan.mode == "resident" and plan.weights_total == (4 * 41088 + 128064) * 4
+    state = 8 * 32 * 64 * 4  # tokens × hidden × fp32
+    assert plan.boundary_states == (4 + 2) * state + 5 * state  # stride-1 boundaries (+ final) and the dense copy
+    assert plan.gradients == 2 * state
+    assert plan.gram == (2 * 5 + 2) * 64 * 64 * 8
+    assert plan.lm_head == 16 * 1000 * 4 * 2 + 16 * 64 * 4
+    bt = 4 * 32
+    assert plan.activations_forward == bt * (4 * 64 + 3 * 128) * 4
+    assert plan.activations_backward == bt * (16 * 64 + 6 * 128) * 4
+    # a cap of the outer unit + 2 layers + 1 more layer: one layer resident, three stream
+    cap = (128064 + 3 * 41088) * 4
+    capped = plan_run(shape, settings, device=torch.device("cpu"), dtype=torch.float32, max_memory=cap)
+    assert capped.mode == "streamed" and capped.resident_layers == 1 and capped.streamed_layers == 3
+    assert capped.moved_per_decision == 3 * 41088 * 4 * 2
+    too_small = plan_run(shape, settings, device=torch.device("cpu"), dtype=torch.float32, max_memory=1000)
+    assert not too_small.fits and "--max-memory" in too_small.advice
+
+
+def test_max_memory_notation():
+    assert parse_max_memory("20GiB", torch.device("cpu")) == {"cpu": 20 * GiB}
+    assert parse_max_memory("1.5GB", torch.device("cuda", 0)) == {"device": 1_500_000_000}
+    assert parse_max_memory({0: "70GiB", "cpu": "200GiB", 1: "1GiB"}, torch.device("cuda", 0)) == {
+        "device": 70 * GiB, "cpu": 200 * GiB}
+    with pytest.raises(ValueError, match="--max-memory"):
+        parse_max_memory("lots", torch.device("cpu"))
