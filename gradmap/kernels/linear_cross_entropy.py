@@ -47,9 +47,10 @@ Default chunk size (:func:`default_chunk_size`)::
 with ``bytes_per_logit = 4`` (the fp32 logits buffer; +2 on CUDA for half-precision inputs when a gradient is
 computed, the fp16/bf16 copy of ``dL/dz`` that feeds the second GEMM) and ``target_bytes`` =
 :data:`CHUNK_TARGET_BYTES` = 256 MiB on every device: 256 rows for V = 262,144, 523 for V = 128,256, 1,365 for
-V = 49,152. On the CPU, time per token is flat from 128 to 1,024 rows per chunk at V = 262,144 (the GEMMs dominate;
-``benchmarks/bench_loss.py --sweep-chunks`` measures it; see docs/bench_loss.json), so the target is set by memory,
-not by cache size.
+V = 49,152. CPU tradeoff (``benchmarks/bench_loss.py --sweep-chunks``, V = 262,144, d = 640, 512 tokens, 1 thread,
+docs/bench_loss.json): 26.3 ms per token at 32 rows per chunk, 21.0 at 64, 20.3 at 128, 17.5 at 256, 17.7 at 512.
+Every chunk streams all of W twice (``2 V d`` elements, 1.3 GB here), which small chunks cannot amortize; a chunk that
+fits the 32 MiB L3 cache (32 rows) is the slowest, so the target is set where the time flattens, not by cache size.
 
 The op is registered as ``gradmap::linear_cross_entropy_fwd`` (:func:`torch.library.custom_op` with a fake kernel,
 so it passes :func:`torch.library.opcheck` and traces under ``torch.compile``); its autograd formula
