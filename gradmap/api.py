@@ -28,7 +28,7 @@ from .engine import DataParallel, Engine, ModelWeights, View, Windows
 from .engine.memory import RunSettings
 from .evaluation import perplexity_windows, view_perplexity
 from .methods import Selection, select_layers
-from .models import open_model, parse_dtype, validate_model
+from .models import open_model, parse_dtype, read_config, resolve_model_path, validate_model
 from .names import (DEFAULT_COMPENSATION, DEFAULT_METHOD, DEFAULT_METRIC, check_backend, check_compensation,
                     check_method, check_metric)
 from .removal import materialize_pruned, prune_inplace
@@ -221,25 +221,35 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
     if verify_top and method != "gradmap":
         raise ValueError(f"verify_top: applies to method 'gradmap' only, got method {method!r}")
     compensating = compensate_mode != "none"
-    nfolds = (min(DEFAULT_FOLDS, calibration.nsamples) if folds is None else folds) if compensating else 1
-    if compensating and (isinstance(nfolds, bool) or not isinstance(nfolds, int)
-                         or not 2 <= nfolds <= calibration.nsamples):
-        raise ValueError(f"folds: need an int with 2 <= folds <= nsamples={calibration.nsamples}, got {nfolds!r}")
     parallel = DataParallel()
     start = time.perf_counter()
-    source_path = None
-    plan = None
     if isinstance(model, nn.Module):
         if max_memory is not None or device is not None or dtype is not None:
             raise ValueError("max_memory/device/dtype: apply to a model given by path; a module computes where it is "
                              "(pass the checkpoint directory to stream a model bigger than memory)")
         validate_model(model)
+        config = model.config
+    else:
+        if inplace:
+            raise ValueError("inplace: applies to a model given as an nn.Module")
+        config = read_config(resolve_model_path(model))  # the config alone: no weights read before the checks
+    # every argument is checked here, before any weight is read or any forward pass runs (gradmap.validation)
+    limits = ModelLimits.from_config(config)
+    target = check_prune_plan(limits, num_layers=num_layers, ratio=ratio, protected=protected,
+                              nsamples=calibration.nsamples, compensate=compensate_mode, ridge=ridge,
+                              micro_batch=micro_batch, seqlen=calibration.seqlen,
+                              eval_seqlen=eval_seqlen if eval_tokens is not None else None)
+    nfolds = (min(DEFAULT_FOLDS, calibration.nsamples) if folds is None else folds) if compensating else 1
+    if compensating and (isinstance(nfolds, bool) or not isinstance(nfolds, int)
+                         or not 2 <= nfolds <= calibration.nsamples):
+        raise ValueError(f"folds: need an int with 2 <= folds <= nsamples={calibration.nsamples}, got {nfolds!r}")
+    source_path = None
+    plan = None
+    if isinstance(model, nn.Module):
         param = next(model.parameters())
         weights = ModelWeights(model, get_adapter(model), device=model_device(model), dtype=param.dtype)
         tokenizer = None
     else:
-        if inplace:
-            raise ValueError("inplace: applies to a model given as an nn.Module")
         settings_plan = RunSettings(nsamples=calibration.nsamples, seqlen=calibration.seqlen, micro_batch=micro_batch,
                                     world_size=parallel.world_size, compensate=compensating, folds=nfolds,
                                     candidates=verify_top or (1 if method == "gradmap" else 2),
@@ -250,16 +260,7 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
                             max_memory=max_memory)
         weights, tokenizer, source_path, plan = opened.weights, opened.tokenizer, opened.path, opened.plan
         logger.info("model %s: %s on %s (%s; %d of %d layers resident, %.2f GiB of weights)", source_path, plan.mode,
-                    plan.device, plan.dtype, plan.resident_layers, len(weights.adapter.layers(weights.model)),
-                    plan.weights_total / (1 << 30))
-    config = weights.model.config
-    n_dense = weights.n_layers
-    # every argument is checked here, before the first forward pass (gradmap.validation)
-    limits = ModelLimits(config.model_type, n_dense, getattr(config, "max_position_embeddings", None))
-    target = check_prune_plan(limits, num_layers=num_layers, ratio=ratio, protected=protected,
-                              nsamples=calibration.nsamples, compensate=compensate_mode, ridge=ridge,
-                              micro_batch=micro_batch, seqlen=calibration.seqlen,
-                              eval_seqlen=eval_seqlen if eval_tokens is not None else None)
+                    plan.device, plan.dtype, plan.resident_layers, weights.n_layers, plan.weights_total / (1 << 30))
     torch.manual_seed(seed)
     settings = {"method": method, "num_layers": target, "ratio": ratio, "metric": metric, "compensate": compensate_mode,
                 "ridge": ridge, "protected": sorted(int(p) for p in protected), "micro_batch": micro_batch,

@@ -17,9 +17,11 @@ import torch
 from conftest import random_calibration, tiny_model
 from gradmap.adapters import get_adapter
 from gradmap.data import Calibration
-from gradmap.kernels import (ScoredLinear, fused_layer_scores, fused_linear_scoring, linear_grad_reduce,
+from gradmap.engine import Engine, Windows
+from gradmap.kernels import (ScoredLinear, fused_layer_scope, linear_grad_reduce,
                              reference_linear_grad_reduce, resolve_backend, triton_interpreting)
-from gradmap.scoring import WEIGHT_METRICS, layer_scores, reference_layer_scores
+from gradmap.methods.metrics import reference_layer_scores, score_layers
+from gradmap.names import WEIGHT_METRICS
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -221,17 +223,23 @@ def _selection(scores):
     return int(torch.argmin(scores))
 
 
+def fused_layer_scores(model, cal, metric, *, micro_batch=8, kernel="torch", monkeypatch=None):
+    """The fused backend's scores with the reduction kernel forced (GRADMAP_GRAD_REDUCE)."""
+    monkeypatch.setenv("GRADMAP_GRAD_REDUCE", kernel)
+    return score_layers(model, cal, metric, micro_batch=micro_batch, backend="fused")
+
+
 @pytest.mark.parametrize("metric", WEIGHT_METRICS)
-def test_fused_scores_equal_reference(metric):
+def test_fused_scores_equal_reference(metric, monkeypatch):
     """Whole model (tiny Llama, padded windows, 2 micro-batches): same scores as the naive reference and as the hook
     path, and the same first layer removed."""
     model = tiny_model("llama")
     cal = random_calibration(nsamples=4, seqlen=12, pad_last=3)
-    got, stats = fused_layer_scores(model, cal, metric, micro_batch=2, backend="torch", chunk_rows=5)
+    got, stats = fused_layer_scores(model, cal, metric, micro_batch=2, monkeypatch=monkeypatch)
     want = reference_layer_scores(model, cal, metric, micro_batch=2)
-    hooks, _ = layer_scores(model, cal, metric, micro_batch=2)
+    hooks, _ = score_layers(model, cal, metric, micro_batch=2)
     assert got.shape == (6,) and got.dtype == torch.float32
-    assert stats.micro_batches == 2 and stats.tokens == cal.num_tokens
+    assert stats.micro_batches == 2 and stats.tokens == cal.num_targets
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
     torch.testing.assert_close(got, hooks, rtol=1e-5, atol=0)
     assert got.min() > 0
@@ -240,60 +248,57 @@ def test_fused_scores_equal_reference(metric):
 
 @needs_triton
 @pytest.mark.parametrize("metric", WEIGHT_METRICS)
-def test_fused_scores_triton_equal_reference(metric):
+def test_fused_scores_triton_equal_reference(metric, monkeypatch):
     """Whole model through the Triton kernel. On CUDA the reference runs on a CPU copy (reference_layer_scores
     accumulates on the CPU), so the forward itself differs slightly between devices: rtol 1e-4 there."""
     model = tiny_model("llama").to(TRITON_DEVICE)
     cal = random_calibration(nsamples=2, seqlen=10, pad_last=3)
-    got, _ = fused_layer_scores(model, cal, metric, micro_batch=2, backend="triton")
+    got, _ = fused_layer_scores(model, cal, metric, micro_batch=2, kernel="triton", monkeypatch=monkeypatch)
     want = reference_layer_scores(tiny_model("llama"), cal, metric, micro_batch=2)
     torch.testing.assert_close(got, want, rtol=1e-4 if TRITON_DEVICE == "cuda" else 1e-5, atol=0)
     assert _selection(got) == _selection(want)
 
 
-def test_padding_rows_contribute_nothing():
+def test_padding_rows_contribute_nothing(monkeypatch):
     """Right padding: dy is exactly zero on padded rows, so scores with padding appended equal those without."""
     model = tiny_model("llama")
     cal = random_calibration(nsamples=2, seqlen=10)
     padded = Calibration(torch.cat([cal.input_ids, torch.zeros(2, 4, dtype=torch.long)], dim=1),
                          torch.cat([cal.attention_mask, torch.zeros(2, 4, dtype=torch.long)], dim=1))
-    a, _ = fused_layer_scores(model, cal, "taylor", backend="torch")
-    b, _ = fused_layer_scores(model, padded, "taylor", backend="torch")
+    a, _ = fused_layer_scores(model, cal, "taylor", monkeypatch=monkeypatch)
+    b, _ = fused_layer_scores(model, padded, "taylor", monkeypatch=monkeypatch)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
-    # and the dy rows themselves are zero at the padded positions
+    # and the dy rows themselves are zero at the padded positions (the engine's reverse sweep through layer 3)
     layer = get_adapter(model).layers(model)[3]
     seen = []
-    acc = torch.zeros(6)
     handle = layer.mlp.down_proj.register_full_backward_hook(lambda m, gin, gout: seen.append(gout[0].detach()))
     try:
-        from gradmap.scoring import lm_loss_sum
-        with fused_linear_scoring(model, get_adapter(model).layers(model), "taylor", acc, backend="torch"):
-            loss, _ = lm_loss_sum(model, padded.input_ids, padded.attention_mask)
-            loss.backward()
+        with Engine.for_module(model) as engine:
+            engine.trajectory(Windows.from_calibration(padded, 2)).backward()
     finally:
         handle.remove()
     assert seen and torch.count_nonzero(seen[0][:, 10:]) == 0 and torch.count_nonzero(seen[0][:, :9]) > 0
 
 
-def test_context_restores_model_and_checks():
+def test_scope_restores_model_and_checks(monkeypatch):
     model = tiny_model("llama")
     model.model.embed_tokens.weight.requires_grad_(False)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fused_layer_scores(model, random_calibration(nsamples=2, seqlen=8), "grad_l2", backend="torch")
+    fused_layer_scores(model, random_calibration(nsamples=2, seqlen=8), "grad_l2", monkeypatch=monkeypatch)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
     assert all("forward" not in m.__dict__ for m in model.modules())
-    assert not model.get_input_embeddings()._forward_hooks
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
-    with pytest.raises(ValueError, match="not one of grad_l1, grad_l2, taylor"):
-        fused_layer_scores(model, random_calibration(), "gate")
-    # a 2-D matrix that is not an nn.Linear weight is refused
     layer = get_adapter(model).layers(model)[0]
+    with pytest.raises(ValueError, match="not a weight-gradient metric"):
+        with fused_layer_scope(layer, "gate", torch.zeros(6), 0):
+            pass
+    # a 2-D matrix that is not an nn.Linear weight is refused
     layer.extra = torch.nn.Parameter(torch.zeros(2, 2))
     with pytest.raises(ValueError, match="not nn.Linear weights"):
-        fused_layer_scores(model, random_calibration(), "taylor", backend="torch")
+        fused_layer_scores(model, random_calibration(), "taylor", monkeypatch=monkeypatch)
     del layer.extra
     assert all("forward" not in m.__dict__ for m in model.modules())
 
@@ -304,4 +309,4 @@ def test_linear_called_twice_is_refused():
     original = type(mlp).forward
     mlp.forward = lambda x: original(mlp, x) + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)))
     with pytest.raises(ValueError, match="ran more than once"):
-        fused_layer_scores(model, random_calibration(nsamples=2, seqlen=8), "taylor", backend="torch")
+        score_layers(model, random_calibration(nsamples=2, seqlen=8), "taylor", backend="fused")

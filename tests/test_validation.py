@@ -10,14 +10,18 @@ import pytest
 import torch
 
 import gradmap.api
-import gradmap.models
+import gradmap.checkpoint
+import gradmap.cli
+import gradmap.methods.gradmap
 from conftest import SAMPLE_TEXT, random_calibration, tiny_model
 from gradmap import prune
 from gradmap.checkpoint import MARKER, save_checkpoint
-from gradmap.cli import main
-from gradmap.compensation import compensate, conditioned_ridge
-from gradmap.removal import remove_layers
+from gradmap.cli import build_parser, main
+from gradmap.compensation import compensate
+from gradmap.compensation.fit import Spectrum, conditioned_ridge
+from gradmap.data import load_text, split_point
 from gradmap.validation import ModelLimits, check_prune_plan
+from test_compensation import stage2
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +102,8 @@ def test_cli_prune_bad_input_before_load(dirs, capsys, monkeypatch, overrides, m
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the bad input was found")
 
-    monkeypatch.setattr(gradmap.models, "load_model", no_load)
+    monkeypatch.setattr(gradmap.cli, "prune", no_load)
+    monkeypatch.setattr(gradmap.cli, "load_model", no_load)
     flags = {"--model": "{root}/tiny", "--text": "{root}/calib.txt", "--eval-text": "{root}/calib.txt",
              "--num-layers": "1", "--nsamples": "4", "--seqlen": "16", "--eval-seqlen": "32",
              "--output": "{root}/out", "--no-eval": True}
@@ -140,7 +145,7 @@ def test_cli_ctrl_c_exits_130(dirs, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(gradmap.models, "load_model", interrupted)
+    monkeypatch.setattr(gradmap.cli, "load_model", interrupted)
     assert main(["eval", "--model", str(dirs / "tiny"), "--text", str(dirs / "calib.txt"), "--seqlen", "32",
                  "-q"]) == 130
     assert capsys.readouterr().err == "gradmap: interrupted\n"
@@ -160,7 +165,7 @@ def test_api_stage2_and_ridge_checked_before_scoring(monkeypatch):
     def no_scoring(*a, **k):
         raise AssertionError("scoring ran before the bad argument was found")
 
-    monkeypatch.setattr(gradmap.api, "select_iterative", no_scoring)
+    monkeypatch.setattr(gradmap.api, "select_layers", no_scoring)
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="nsamples: stage 2 .* needs at least 2 calibration windows"):
         prune(model, random_calibration(nsamples=1), num_layers=1)
@@ -174,40 +179,35 @@ def test_api_stage2_and_ridge_checked_before_scoring(monkeypatch):
 
 
 def test_conditioned_ridge_hand_case():
-    G = torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64))  # singular; mean diagonal 5/3
+    G = Spectrum.of(torch.diag(torch.tensor([4.0, 1.0, 0.0], dtype=torch.float64)))  # singular; mean diag 5/3
     assert conditioned_ridge(G, 0.1) == (0.1, pytest.approx((4 + 1 / 6) / (1 / 6)))  # cond 25 already fine
     lam, cond = conditioned_ridge(G, 0.0, max_condition=1e4)
     # from 1e-8 up by 10x: cond(λ) = (4 + 5λ/3) / (5λ/3) <= 1e4 first at λ = 1e-3 (cond 2401)
     assert lam == pytest.approx(1e-3) and cond == pytest.approx((4 + 5e-3 / 3) / (5e-3 / 3))
-    assert conditioned_ridge(torch.zeros(3, 3), 0.1) == (None, float("inf"))
+    assert Spectrum.of(torch.zeros(3, 3)) is None
+    assert conditioned_ridge(None, 0.1) == (None, float("inf"))
 
 
 def test_ill_conditioned_gram_raises_ridge_and_reports():
     """16 fit tokens for a 32-wide Gram matrix: singular at ridge 0, so the ridge is raised and the note says so.
 
     All windows now feed the Gram matrix (2 windows of 8 tokens; cross-validated over 2 folds)."""
-    dense = tiny_model("llama")
-    pruned = tiny_model("llama")
-    remove_layers(pruned, [2, 3])
-    cal = random_calibration(nsamples=2, seqlen=8)
-    result = compensate(dense, pruned, [0, 1, 4, 5], cal, mode="every-gap", ridge=0.0, folds=2)
+    with stage2(random_calibration(nsamples=2, seqlen=8), groups=2) as (model, engine, traj, dense):
+        result = compensate(traj, dense, mode="every-gap", ridge=0.0)
     assert any("ill-conditioned Gram matrix: ridge 0 raised to" in n for n in result.notes), result.notes
     fit = result.fits[0]
-    assert fit.heldout_loss_after <= fit.heldout_loss_before  # never a fold that raises the cross-validated loss
+    assert fit.loss_after <= fit.loss_before  # never a fold that raises the cross-validated loss
 
 
 def test_fp16_overflow_in_gram_detected():
-    dense = tiny_model("llama")
-    pruned = tiny_model("llama")
-    remove_layers(pruned, [2, 3])
-    with torch.no_grad():  # down_proj outputs that overflow to inf, as fp16 activations do
-        pruned.model.layers[1].mlp.down_proj.weight.fill_(3e38)
-    with pytest.raises(ValueError, match="Gram matrix of layer 1 holds NaN/inf.*bfloat16 or float32"):
-        compensate(dense, pruned, [0, 1, 4, 5], random_calibration(nsamples=4), mode="every-gap")
+    with stage2(random_calibration(nsamples=4), groups=2) as (model, engine, traj, dense):
+        # down_proj outputs that overflow to inf, as fp16 activations do
+        engine.set_overrides(1, {"mlp.down_proj.weight": torch.full((32, 64), 3e38)})
+        with pytest.raises(ValueError, match="Gram matrix of layer 1 holds NaN/inf.*bfloat16 or float32"):
+            compensate(traj, dense, mode="every-gap")
 
 
 def test_user_text_split_for_calibration_and_test(tmp_path):
-    from gradmap.data import load_text, split_point
     text = "".join(f"line {i}\n" for i in range(100))
     path = tmp_path / "t.txt"
     path.write_text(text)
@@ -239,11 +239,10 @@ def test_stale_partial_dirs_cleaned_only_if_ours(tmp_path):
 
 
 def test_resume_after_interruption_removes_same_layers(tmp_path, monkeypatch):
-    import gradmap.pruning
     cal = random_calibration(nsamples=4)
     full = prune(tiny_model("llama"), cal, num_layers=3, compensate_mode="none", metric="taylor")
     state = tmp_path / "state.json"
-    real = gradmap.pruning.layer_scores
+    real = gradmap.methods.gradmap.layer_scores
     calls = []
 
     def interrupt_third(*a, **k):
@@ -252,12 +251,12 @@ def test_resume_after_interruption_removes_same_layers(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(gradmap.pruning, "layer_scores", interrupt_third)
+    monkeypatch.setattr(gradmap.methods.gradmap, "layer_scores", interrupt_third)
     with pytest.raises(KeyboardInterrupt):
         prune(tiny_model("llama"), cal, num_layers=3, compensate_mode="none", metric="taylor", resume=state)
     assert [s["removed"] for s in json.loads(state.read_text())["steps"]] == full.removed[:2]
     calls.clear()
-    monkeypatch.setattr(gradmap.pruning, "layer_scores", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(gradmap.methods.gradmap, "layer_scores", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     resumed = prune(tiny_model("llama"), cal, num_layers=3, compensate_mode="none", metric="taylor", resume=state)
     assert len(calls) == 1  # only the third decision was scored
     assert resumed.removed == full.removed
@@ -311,18 +310,21 @@ def test_sigkill_mid_save_leaves_no_output_and_next_save_cleans(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["flag", "out"]
 
 
-def test_exception_inside_save_pretrained_leaves_nothing(tmp_path, monkeypatch):
+def test_exception_while_writing_shards_leaves_nothing(tmp_path, monkeypatch):
     model = tiny_model("llama")
-    original = type(model).save_pretrained
+    original = gradmap.checkpoint.save_file
+    written = []
 
-    def half_then_fail(self, path, *a, **k):
-        original(self, path, *a, **k)  # the weights are on disk ...
-        raise OSError("No space left on device")  # ... then the disk fills up
+    def half_then_fail(tensors, path, *a, **k):
+        original(tensors, path, *a, **k)  # one shard is on disk ...
+        written.append(path)
+        if len(written) == 2:
+            raise OSError("No space left on device")  # ... then the disk fills up
 
-    monkeypatch.setattr(type(model), "save_pretrained", half_then_fail)
+    monkeypatch.setattr(gradmap.checkpoint, "save_file", half_then_fail)
     with pytest.raises(OSError, match="No space left"):
-        save_checkpoint(model, None, tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
+        save_checkpoint(model, None, tmp_path / "out", max_shard_size="20KB")
+    assert len(written) == 2 and list(tmp_path.iterdir()) == []
 
 
 def test_same_seed_bit_identical_saved_weights(tmp_path):
@@ -339,12 +341,11 @@ def test_same_seed_bit_identical_saved_weights(tmp_path):
 
 
 def test_cli_resume_after_ctrl_c(dirs, tmp_path, capsys, monkeypatch):
-    import gradmap.pruning
     base = ["prune", "--model", str(dirs / "tiny"), "--text", str(dirs / "calib.txt"), "--num-layers", "2",
             "--nsamples", "4", "--seqlen", "16", "--compensate", "none", "--no-eval", "-q"]
     assert main(base + ["--output", str(tmp_path / "full")]) == 0
     full = json.loads((tmp_path / "full" / "gradmap_report.json").read_text())
-    real = gradmap.pruning.layer_scores
+    real = gradmap.methods.gradmap.layer_scores
     calls = []
 
     def ctrl_c_second(*a, **k):
@@ -353,12 +354,16 @@ def test_cli_resume_after_ctrl_c(dirs, tmp_path, capsys, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(gradmap.pruning, "layer_scores", ctrl_c_second)
+    monkeypatch.setattr(gradmap.methods.gradmap, "layer_scores", ctrl_c_second)
     out = tmp_path / "out"
     assert main(base + ["--output", str(out)]) == 130
     state = tmp_path / ".out.gradmap-state.json"
     assert state.is_file() and not out.exists()
-    monkeypatch.setattr(gradmap.pruning, "layer_scores", real)
+    monkeypatch.setattr(gradmap.methods.gradmap, "layer_scores", real)
+    # rerunning without --resume keeps the saved progress and says how to continue or discard it
+    assert main(base + ["--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--restart" in err and state.is_file()
     assert main(base + ["--output", str(out), "--resume"]) == 0
     assert json.loads((out / "gradmap_report.json").read_text())["removal_order"] == full["removal_order"]
     assert not state.exists()
@@ -382,8 +387,6 @@ def test_replaceme_compensation_passes_the_plan_check():
 
 
 def test_cli_refuses_protected_lists_with_gaps_or_repeats_and_empty_output(tmp_path, capsys):
-    from gradmap.cli import build_parser, main
-
     for value in ("0,,1", "1,1", ",", "a"):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["prune", "--ratio", "0.25", "--output", str(tmp_path / "o"),
@@ -401,8 +404,6 @@ def test_cli_refuses_protected_lists_with_gaps_or_repeats_and_empty_output(tmp_p
 
 
 def test_non_utf8_text_and_ridge_without_compensation_are_named_errors(tmp_path, capsys):
-    from gradmap.cli import main
-
     binary = tmp_path / "bin.txt"
     binary.write_bytes(bytes(range(128, 256)) * 40)
     assert main(["prune", "--ratio", "0.25", "--output", str(tmp_path / "o"), "--text", str(binary)]) == 2
