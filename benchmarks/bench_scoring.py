@@ -2,8 +2,8 @@
 
 Same model, same calibration batch, one process. Passes measured:
 
-* ``forward (no grad)``: :func:`gradmap.scoring.lm_loss_sum` under ``torch.no_grad()``, the time unit ("x forward").
-* ``scoring (<metric>)``: :func:`gradmap.scoring.layer_scores` for each metric.
+* ``forward (no grad)``: the model's own forward with full logits (:func:`lm_loss_sum` here) under ``torch.no_grad()``, the time unit ("x forward").
+* ``scoring (<metric>)``: :func:`gradmap.methods.metrics.score_layers` (the layer engine) for each metric.
 * ``naive backward (stored .grad)``: the same loss, ``backward()`` with every decoder-layer 2-D weight's ``.grad``
   stored and held until the end of the step, as in a training step (what :func:`reference_layer_scores` does before
   reducing).
@@ -41,6 +41,7 @@ the backward, before any weight gradient exists, the last ratio reads about 0 wh
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import time
@@ -53,7 +54,38 @@ from gradmap.adapters import get_adapter
 from gradmap.data import build_calibration, load_text
 from gradmap.models import load_model
 from gradmap.report import environment
-from gradmap.scoring import METRICS, _only_grad, layer_matrices, layer_scores, lm_loss_sum, num_targets
+from gradmap.methods.metrics import layer_matrices, score_layers
+from gradmap.names import METRICS
+
+
+def lm_loss_sum(model, input_ids, attention_mask):
+    """The model's own forward and summed next-token cross-entropy (full logits): the reference pass."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+    targets = input_ids[:, 1:].masked_fill(~valid, -100)
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                             ignore_index=-100, reduction="sum")
+    return loss, int(valid.sum())
+
+
+def num_targets(calibration) -> int:
+    return calibration.num_targets
+
+
+@contextlib.contextmanager
+def _only_grad(model, params):
+    """Temporarily make ``params`` the only parameters that require grad (flags restored, grads cleared)."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    keep = {id(p) for p in params}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in keep)
+            p.grad = None
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+            p.grad = None
 
 MIB = 2**20
 FORWARD = "forward (no grad)"
@@ -154,7 +186,7 @@ def make_passes(model, cal, micro_batch: int, metrics: list[str]) -> dict:
 
     passes = {FORWARD: forward}
     for metric in metrics:
-        passes[f"scoring ({metric})"] = lambda metric=metric: layer_scores(model, cal, metric, micro_batch=micro_batch)
+        passes[f"scoring ({metric})"] = lambda metric=metric: score_layers(model, cal, metric, micro_batch=micro_batch)
     passes[NAIVE] = naive_backward
     passes[FREED] = freed_grads_backward
     passes[NO_WEIGHT_GRAD] = no_weight_grad_backward

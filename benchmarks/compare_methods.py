@@ -32,7 +32,6 @@ environment, wall time), ``compare.md`` (table + summary) and ``compare.png``.
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import ctypes
 import hashlib
@@ -53,16 +52,20 @@ sys.path.insert(0, str(ROOT))
 
 from gradmap import __version__  # noqa: E402
 from gradmap.adapters import get_adapter  # noqa: E402
+from gradmap.compensation import compensate  # noqa: E402
+from gradmap.compensation.replaceme import REPLACEME_RIDGE  # noqa: E402
 from gradmap.data import build_calibration, load_text, tokenize  # noqa: E402
-from gradmap.evaluation import perplexity  # noqa: E402
-from gradmap.methods import METHODS, run_compensation, select_layers  # noqa: E402
-from gradmap.methods.blockpruner import zero_sub_block_  # noqa: E402
-from gradmap.methods.replaceme import REPLACEME_RIDGE  # noqa: E402
+from gradmap.engine import Engine, Windows  # noqa: E402
+from gradmap.evaluation import perplexity_windows, view_perplexity  # noqa: E402
+from gradmap.methods import select_layers  # noqa: E402
+from gradmap.methods.blockpruner import zeroed_output  # noqa: E402
 from gradmap.methods.fidelity import oracle_loss_increase, spearman  # noqa: E402
 from gradmap.models import load_model  # noqa: E402
-from gradmap.pruning import resolve_target  # noqa: E402
-from gradmap.removal import remove_layers  # noqa: E402
+from gradmap.names import DEFAULT_METRIC, METHODS  # noqa: E402
+from gradmap.removal import materialize_pruned  # noqa: E402
 from gradmap.report import environment  # noqa: E402
+from gradmap.validation import resolve_target  # noqa: E402
+from gradmap.zeroshot import evaluate_zero_shot  # noqa: E402
 
 log = logging.getLogger("compare_methods")
 MIB = 2**20
@@ -157,18 +160,32 @@ class Cache:
 
 
 # ------------------------------------------------------------------------------------------------------- the steps
+def open_engine(model, calibration, args):
+    """An engine over the dense ``model`` and the calibration trajectory (stage-2 cross-validation groups)."""
+    engine = Engine.for_module(model, progress=not args.quiet)
+    groups = min(4, calibration.nsamples)
+    return engine, engine.trajectory(Windows.from_calibration(calibration, args.micro_batch, groups=groups))
+
+
 def run_selection(model, calibration, target, method, args) -> dict:
-    """Select on a copy of the dense ``model``; return the record (the pruned model under ``"model"``)."""
-    work = copy.deepcopy(model).eval()
+    """Select on the engine's view of the dense ``model`` (never modified); return the record."""
     device = next(model.parameters()).device
     load_before = os.getloadavg()[0]
-    with PeakMemory(device) as mem:
-        t0 = time.perf_counter()
-        verify = {"method": "gradmap", "verify_top": args.verify_top} if method == "gradmap-verify" else {"method": method}
-        sel = select_layers(work, calibration, target, **verify, metric=args.metric,
-                            micro_batch=args.micro_batch, progress=not args.quiet)
-        seconds = time.perf_counter() - t0
-    kept = [i for i in range(len(get_adapter(model).layers(model))) if i not in set(sel.removed)]
+    engine, traj = open_engine(model, calibration, args)
+    try:
+        with PeakMemory(device) as mem:
+            t0, work0 = time.perf_counter(), engine.work
+            traj.forward()  # the first forward of the dense model, shared by every method (as gradmap.prune does)
+            first = traj.passes(engine.work - work0)
+            verify = ({"method": "gradmap", "verify_top": args.verify_top} if method == "gradmap-verify"
+                      else {"method": method})
+            sel = select_layers(traj, target, **verify, metric=args.metric)
+            seconds = time.perf_counter() - t0
+        sel.passes += first
+        kept = list(engine.view.kept)
+        removed_params = sum(engine.layer_params[i] for i in range(engine.n_layers) if i not in set(kept))
+    finally:
+        engine.close()
     # what the published algorithm would spend: one FULL forward per candidate (our searches resume from cached states)
     if method in ("sleb", "blockpruner"):
         published = sum(len(step.scores) for step in sel.steps)
@@ -176,39 +193,43 @@ def run_selection(model, calibration, target, method, args) -> dict:
         published = len(sel.steps[0].scores)
     else:
         published = sel.passes
-    params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in work.parameters())
     record = {"method": method, "removed": sorted(sel.removed), "removal_order": list(sel.removed), "kept": kept,
               "seconds": seconds, "step_seconds": sel.seconds, "passes": sel.passes, "published_passes": published,
-              "peak_bytes": mem.peak_bytes, "removed_params": params,
+              "peak_bytes": mem.peak_bytes, "removed_params": removed_params,
               "zeroed_params": sel.extra.get("zeroed_params", 0),
               "zeroed_sub_blocks": sel.extra.get("zeroed_sub_blocks", []),
               "load_avg_1min": [load_before, os.getloadavg()[0]],  # machine load before/after: other jobs skew time
               "first_step_layer_scores": {str(k): v for k, v in sel.first_layer_scores().items()},
               "extra": sel.extra}
     log.info("%s: removed %s in %.1f s (%g passes)", method, record["removed"], seconds, sel.passes)
-    return dict(record, model=work)
+    return record
 
 
-def rebuild(model, record: dict):
-    """The pruned model of a cached selection: zero BlockPruner's sub-blocks, then drop the removed layers."""
-    work = copy.deepcopy(model).eval()
-    layers = get_adapter(work).layers(work)
+def pruned_session(model, calibration, record: dict, args):
+    """``(engine, trajectory, dense snapshot)`` with the view of a (cached) selection: its layers removed,
+    BlockPruner's lone sub-blocks zeroed (overrides)."""
+    engine, traj = open_engine(model, calibration, args)
+    traj.forward()
+    dense = traj.snapshot()
+    layers = get_adapter(model).layers(model)
     for label in record["zeroed_sub_blocks"]:
         layer, kind = label.split(".")
-        zero_sub_block_(layers[int(layer)], kind)
-    remove_layers(work, record["removed"])
-    return work
+        engine.set_overrides(int(layer), zeroed_output(layers[int(layer)], kind))
+    for orig in record["removed"]:
+        engine.remove(orig)
+    return engine, traj, dense
 
 
-def evaluate(model, tokenizer, eval_ids, args) -> dict:
-    """Test PPL and zero-shot accuracy of ``model``."""
-    from gradmap.zeroshot import evaluate_zero_shot
-
+def evaluate(engine, tokenizer, eval_ids, args) -> dict:
+    """Test PPL (on the engine's live view) and zero-shot accuracy (of the materialised pruned model)."""
     out = {}
     t0 = time.perf_counter()
-    out["ppl"] = perplexity(model, eval_ids, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens or None).as_dict()
+    windows = perplexity_windows(eval_ids, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens or None,
+                                 max_length=getattr(engine.config, "max_position_embeddings", None))
+    out["ppl"] = view_perplexity(engine, windows, seqlen=args.eval_seqlen, stride=args.eval_seqlen).as_dict()
     if args.zeroshot_limit >= 0:
-        zs = evaluate_zero_shot(model, tokenizer, args.tasks, limit=args.zeroshot_limit or None,
+        pruned = materialize_pruned(engine.weights, engine.view)
+        zs = evaluate_zero_shot(pruned, tokenizer, args.tasks, limit=args.zeroshot_limit or None,
                                 batch_size=args.zeroshot_batch_size)
         out["zeroshot"] = zs.as_dict()
     out["eval_seconds"] = time.perf_counter() - t0
@@ -402,7 +423,6 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, full if args.full else quick)
     if args.metric is None:
-        from gradmap.api import DEFAULT_METRIC
         args.metric = DEFAULT_METRIC
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in ROWS]
@@ -438,7 +458,7 @@ def main(argv=None) -> int:
     eval_ids = tokenize(tokenizer, test_text)
     oracle_windows = build_calibration(tokenizer, test_text, nsamples=args.oracle_nsamples, seqlen=args.seqlen,
                                        seed=args.seed + 1, source="wiki-test", max_length=max_len)
-    base = {"model": args.model, "gradmap": __version__, "cost_model": "prefix-resumed", "num_layers": n_layers,
+    base = {"model": args.model, "gradmap": __version__, "cost_model": "engine", "num_layers": n_layers,
             "target": target,
             "calibration": calibration.spec, "micro_batch": args.micro_batch, "threads": args.threads}
     eval_settings = {"eval_tokens": args.eval_tokens, "eval_seqlen": args.eval_seqlen,
@@ -451,12 +471,15 @@ def main(argv=None) -> int:
         raise SystemExit("--report-only: the dense row or the oracle is not cached yet; nothing to report")
     if dense is None:
         log.info("evaluating the dense model")
-        dense = cache.put("dense", dense_key, evaluate(model, tokenizer, eval_ids, args))
+        with Engine.for_module(model) as engine:
+            dense = cache.put("dense", dense_key, evaluate(engine, tokenizer, eval_ids, args))
     oracle_key = dict(base, row="oracle", windows=oracle_windows.spec)
     oracle = cache.get("oracle", oracle_key)
     if oracle is None:
         log.info("oracle: loss increase of removing each layer on %d test windows", oracle_windows.nsamples)
-        oracle = oracle_loss_increase(model, oracle_windows, micro_batch=args.micro_batch, progress=not args.quiet)
+        engine, oracle_traj = open_engine(model, oracle_windows, args)
+        with engine:
+            oracle = oracle_loss_increase(oracle_traj)
         oracle = cache.put("oracle", oracle_key, {**oracle, "increase": {str(k): v for k, v in
                                                                            oracle["increase"].items()}})
     oracle_inc = {int(k): v for k, v in oracle["increase"].items()}
@@ -488,28 +511,27 @@ def main(argv=None) -> int:
             continue
         if sel is None:
             log.info("selection: %s", method)
-            sel = run_selection(model, calibration, target, method, args)
-            pruned = sel.pop("model")
-            cache.put("selection", sel_key, sel)
-        else:
-            pruned = rebuild(model, sel)
+            sel = cache.put("selection", sel_key, run_selection(model, calibration, target, method, args))
         fidelity = spearman({int(k): v for k, v in sel["first_step_layer_scores"].items()}, oracle_inc)
         for comp in comps:
             if cached_rows[comp] is not None:
                 rows.append(cached_rows[comp])
                 continue
-            work = pruned if comp == "none" else copy.deepcopy(pruned)
-            stage2 = 0.0
-            notes = []
-            if comp != "none":
-                t0 = time.perf_counter()
-                result = run_compensation(model, work, sel["kept"], calibration, mode=comp,
-                                          ridge=args.replaceme_ridge if comp == "replaceme" else None,
-                                          micro_batch=args.micro_batch, progress=not args.quiet)
-                stage2 = time.perf_counter() - t0
-                notes = result.notes + [f"layer {f.layer}: ridge {f.ridge}, applied {f.applied}" for f in result.fits]
-            log.info("evaluating %s / %s", method, comp)
-            ev = evaluate(work, tokenizer, eval_ids, args)
+            engine, traj, dense_traj = pruned_session(model, calibration, sel, args)
+            with engine:
+                stage2 = 0.0
+                notes = []
+                if comp != "none":
+                    t0 = time.perf_counter()
+                    result = compensate(traj, dense_traj, mode=comp,
+                                        ridge=args.replaceme_ridge if comp == "replaceme" else None)
+                    stage2 = time.perf_counter() - t0
+                    notes = result.notes + [f"layer {f.layer}: ridge {f.ridge}, applied {f.applied}"
+                                            for f in result.fits]
+                engine.release(dense_traj)
+                engine.release(traj)
+                log.info("evaluating %s / %s", method, comp)
+                ev = evaluate(engine, tokenizer, eval_ids, args)
             row = {"method": method, "compensation": comp, "removed": sel["removed"], "kept": sel["kept"],
                    "prune_seconds": sel["seconds"], "stage2_seconds": stage2, "passes": sel["passes"],
                    "published_passes": sel.get("published_passes", sel["passes"]),
@@ -518,7 +540,6 @@ def main(argv=None) -> int:
             rows.append(cache.put("row", row_keys[comp], row))
             log.info("%s / %s: PPL %.3f, zero-shot %s", method, comp, row["ppl"]["ppl"],
                      row.get("zeroshot", {}).get("average"))
-            del work
             write_outputs(out, rows, dense, oracle, settings, time.perf_counter() - start, expected)
 
     write_outputs(out, rows, dense, oracle, settings, time.perf_counter() - start, expected, pending)

@@ -54,23 +54,23 @@ def perplexity_windows(token_ids: torch.Tensor, *, seqlen: int = 1024, stride: i
 
     Raises:
         ValueError: bad ``seqlen``/``stride``/``max_tokens``/``micro_batch``, ``seqlen`` above the model's limit, or
-            fewer than 2 tokens (each named as the CLI flag).
+            fewer than 2 tokens.
     """
     if max_tokens is not None and max_tokens < 2:
-        raise ValueError(f"--eval-tokens: must be >= 2 (or 0 for all tokens), got {max_tokens}")
+        raise ValueError(f"max_tokens: must be >= 2 (or None for all tokens), got {max_tokens}")
     if micro_batch < 1:
-        raise ValueError(f"--micro-batch: must be >= 1, got {micro_batch}")
+        raise ValueError(f"micro_batch: must be >= 1, got {micro_batch}")
     stride = seqlen if stride is None else stride
     if seqlen < 2:
-        raise ValueError(f"--eval-seqlen: must be >= 2, got {seqlen}")
+        raise ValueError(f"seqlen: must be >= 2, got {seqlen}")
     if not 1 <= stride <= seqlen:
-        raise ValueError(f"--stride: must be in [1, seqlen={seqlen}], got {stride}")
+        raise ValueError(f"stride: must be in [1, seqlen={seqlen}], got {stride}")
     if max_length is not None and seqlen > max_length:
-        raise ValueError(f"--eval-seqlen: {seqlen} exceeds the model's maximum sequence length {max_length}")
+        raise ValueError(f"seqlen: {seqlen} exceeds the model's maximum sequence length {max_length}")
     ids = token_ids[:max_tokens] if max_tokens else token_ids
     n = ids.numel()
     if n < 2:
-        raise ValueError(f"--eval-text: the evaluation text has {n} tokens; need at least 2")
+        raise ValueError(f"evaluation text has {n} tokens; need at least 2")
     windows = []  # (begin, end, first scored position within the window)
     scored_until = 1  # token 0 has no context and is never scored
     begin = 0

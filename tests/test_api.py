@@ -132,7 +132,7 @@ def test_bad_arguments(kwargs, message):
 
 def test_seqlen_above_model_limit():
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="seqlen 200 exceeds the model's maximum 128"):
+    with pytest.raises(ValueError, match="seqlen: 200 exceeds the model.s maximum sequence length 128"):
         prune(model, random_calibration(nsamples=2, seqlen=200), num_layers=1)
 
 

@@ -5,7 +5,6 @@ The extension is built by ``pip install --no-build-isolation --use-pep517 -e .``
 build tests, which skip with the reason when the tool is absent.
 """
 
-import copy
 import glob
 import os
 import shutil
@@ -16,14 +15,17 @@ import textwrap
 import pytest
 import torch
 
-import gradmap.compensation as comp_mod
-import gradmap.projection as proj_mod
+import gradmap.adapters as adapters_mod
+import gradmap.compensation.statistics as stats_mod
 from conftest import random_calibration, tiny_model
 from gradmap import ops
 from gradmap.adapters import get_adapter
-from gradmap.projection import (fold_projection_, fold_projection_reference, gram_accumulate_,
+from gradmap.projection import (fold_projection_, fold_projection_reference, gram_accumulate_, solve_ridge,
                                 gram_accumulate_reference)
-from gradmap.removal import remove_layers
+from gradmap import build_calibration, load_model, load_text
+from gradmap.compensation import compensate, gram_statistics
+from gradmap.engine import Engine, Windows
+from test_compensation import stage2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 fold_op = torch.ops.gradmap.fold_projection_ if ops.backend() == "cpp" else None
@@ -242,35 +244,31 @@ def test_opcheck_gram(xdtype, gdtype):
 def _stage2(family):
     """Stage 2 on a tiny pruned model (layers 2, 3 of 6 removed), through whatever the stage-2 functions dispatch to.
 
-    ``compensation`` imports ``gram_accumulate_`` at module level; the fold goes through the adapter, which looks up
-    ``gradmap.projection.fold_projection_`` at call time — the two names the reference run monkeypatches.
+    ``gradmap.compensation.statistics`` imports ``gram_accumulate_`` and ``gradmap.adapters`` imports
+    ``fold_projection_`` at module level: the two names the reference run monkeypatches.
 
     Returns the Gram matrix of kept position 1, the down_proj weight of that layer after folding its ridge solution
-    (λ = 1e-3, applied unconditionally), and every down_proj weight after the full :func:`compensate` (which may keep
-    or skip the fold by its cross-validation guard, 4 folds) on a fresh copy.
+    (λ = 1e-3, applied unconditionally), and the folded down_proj weights after the full :func:`compensate` (which
+    may keep or skip a fold by its cross-validation guard, 4 groups).
     """
-    dense = tiny_model(family)
-    cal = random_calibration(nsamples=6, seqlen=16)
-    pruned = copy.deepcopy(dense)
-    remove_layers(pruned, [2, 3])
-    kept = [0, 1, 4, 5]
-    G, C, tokens = comp_mod.fit_projection(dense, pruned, kept, 1, cal, micro_batch=4)
-    assert tokens == 6 * 15  # SKIP_FIRST: first position of each window is context only
-    down = get_adapter(pruned).down_proj(get_adapter(pruned).layers(pruned)[1])
-    proj_mod.fold_projection_(down.weight, comp_mod.solve_ridge(G, C, 1e-3), down.bias)
-    full = copy.deepcopy(dense)
-    remove_layers(full, [2, 3])
-    comp_mod.compensate(dense, full, kept, cal, mode="every-gap", ridge=1e-3)
-    adapter = get_adapter(full)
-    return G, down.weight.detach().clone(), [adapter.down_proj(layer).weight.detach().clone() for layer in
-                                             adapter.layers(full)]
+    cal = random_calibration(nsamples=8, seqlen=16)
+    with stage2(cal, family=family) as (model, engine, traj, dense):
+        stats = gram_statistics(traj, dense, 1)
+        assert stats.tokens == 8 * 15  # SKIP_FIRST: first position of each window is context only
+        G, C = stats.total()
+        adapter = get_adapter(model)
+        down = adapter.down_proj(adapter.layers(model)[1])
+        folded, _ = adapter.folded_mlp_out(down.weight, down.bias, solve_ridge(G, C, 1e-3))
+        compensate(traj, dense, mode="every-gap", ridge=1e-3)
+        full = {orig: o["mlp.down_proj.weight"] for orig, o in engine.view.overrides.items()}
+    return G, folded, full
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_stage2_through_ops_equals_reference(family, monkeypatch):
     G, folded, full = _stage2(family)
-    monkeypatch.setattr(comp_mod, "gram_accumulate_", gram_accumulate_reference)
-    monkeypatch.setattr(proj_mod, "fold_projection_", fold_projection_reference)  # adapters fold through it
+    monkeypatch.setattr(stats_mod, "gram_accumulate_", gram_accumulate_reference)
+    monkeypatch.setattr(adapters_mod, "fold_projection_", fold_projection_reference)
     G_ref, folded_ref, full_ref = _stage2(family)
     # G: fp64 sums of the same fp32 products (order differs); weights fp32: T from (nearly) the same solve, folded
     # with fp64 accumulation by both paths, so the difference is fp32 rounding of the written weight.
@@ -278,8 +276,9 @@ def test_stage2_through_ops_equals_reference(family, monkeypatch):
     torch.testing.assert_close(folded, folded_ref, rtol=1e-5, atol=1e-6)
     unfolded = get_adapter(tiny_model(family)).down_proj(get_adapter(tiny_model(family)).layers(tiny_model(family))[1])
     assert not torch.allclose(folded, unfolded.weight, atol=1e-4)  # the fold changed the weight
-    for a, b in zip(full, full_ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert full.keys() == full_ref.keys()
+    for k in full:
+        torch.testing.assert_close(full[k], full_ref[k], rtol=1e-5, atol=1e-6)
 
 
 def test_package_works_without_extension():
@@ -346,24 +345,26 @@ def test_cmake_build_loads_and_computes(tmp_path):
 @pytest.mark.real_model
 def test_stage2_through_ops_on_bundled_model(monkeypatch):
     """SmolLM2-135M (d=576), layers 20-23 removed: Gram statistics and the fold at kept layer 19, ops vs reference."""
-    from gradmap import build_calibration, load_model, load_text
-    from gradmap.projection import solve_ridge
-
     torch.set_num_threads(1)
     dense, tok = load_model("default")
     cal = build_calibration(tok, load_text("wiki", "calibration"), nsamples=4, seqlen=64, seed=0)
-    pruned = copy.deepcopy(dense)
-    remove_layers(pruned, [20, 21, 22, 23])
-    kept = [i for i in range(30) if i not in (20, 21, 22, 23)]
     results = []
+    adapter = get_adapter(dense)
+    down = adapter.down_proj(adapter.layers(dense)[19])
     for gram, fold in ((gram_accumulate_, fold_projection_), (gram_accumulate_reference, fold_projection_reference)):
-        monkeypatch.setattr(comp_mod, "gram_accumulate_", gram)
-        G, C, tokens = comp_mod.fit_projection(dense, pruned, kept, 19, cal, micro_batch=4)
-        down = get_adapter(pruned).down_proj(get_adapter(pruned).layers(pruned)[19])
+        monkeypatch.setattr(stats_mod, "gram_accumulate_", gram)
+        with Engine.for_module(dense) as engine:
+            traj = engine.trajectory(Windows.from_calibration(cal, 4, groups=2))
+            traj.forward()
+            snapshot = traj.snapshot()
+            for layer in (20, 21, 22, 23):
+                engine.remove(layer)
+            stats = gram_statistics(traj, snapshot, 19)
+        G, C = stats.total()
         weight = down.weight.detach().clone()
         fold(weight, solve_ridge(G, C, 1e-2))
         results.append((G, weight))
-    assert tokens == 4 * 63
+    assert stats.tokens == 4 * 63
     (G, w), (G_ref, w_ref) = results
     torch.testing.assert_close(G, G_ref, rtol=1e-12, atol=1e-8)
     torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6)  # fp32 weights, fp64 fold on both paths
