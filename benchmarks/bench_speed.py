@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<8} {m['num_layers']:>6} {m['num_parameters']:>12,} {m['prefill_tokens_per_s']:>14.1f} "
               f"{m['time_to_first_token_s']:>9.4f} {m['decode_tokens_per_s']:>13.1f}")
     s = r["speedup"]
-    print(f"speed-up (pruned / dense): prefill {s['prefill']:.3f}x, time to first token {s['time_to_first_token']:.3f}x, "
-          f"decode {s['decode']:.3f}x")
+    print(f"speed-up (pruned / dense): prefill {s['prefill']:.3f}x, "
+          f"time to first token {s['time_to_first_token']:.3f}x, decode {s['decode']:.3f}x")
     if args.json:
         args.json.write_text(json.dumps(r, indent=2))
     return 0

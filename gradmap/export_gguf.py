@@ -137,7 +137,8 @@ def converter_path() -> Path | None:
 def _read_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
-        raise ValueError(f"model_dir: {str(model_dir)!r} holds no config.json; it is not a Hugging Face model directory")
+        raise ValueError(f"model_dir: {str(model_dir)!r} holds no config.json; "
+                         "it is not a Hugging Face model directory")
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -343,7 +344,8 @@ def gguf_mismatches(model_dir: str | os.PathLike, gguf_file: str | os.PathLike |
     out = _static_mismatches(model_dir, config)
     if gguf_file is not None:
         seen = {(m.prop, tuple(m.layers)) for m in out}
-        out += [m for m in _gguf_mismatches(model_dir, config, Path(gguf_file)) if (m.prop, tuple(m.layers)) not in seen]
+        after = _gguf_mismatches(model_dir, config, Path(gguf_file))
+        out += [m for m in after if (m.prop, tuple(m.layers)) not in seen]
     return out
 
 
@@ -436,7 +438,7 @@ def _run_converter(model_dir: Path, target: Path, outtype: str, folder: Path | N
     logger.info("converting %s to GGUF (%s): %s", model_dir, outtype, " ".join(cmd))
     # cwd: the converter's folder (python -m puts the cwd first on sys.path; never let a stray gguf/ shadow it)
     proc = subprocess.run(cmd, cwd=str(folder) if folder else str(target.parent), env=env, capture_output=True,
-                          text=True)
+                          text=True, check=False)
     log = (proc.stdout or "") + (proc.stderr or "")
     logger.debug("convert_hf_to_gguf output:\n%s", log)
     if proc.returncode != 0 or not target.is_file() or target.stat().st_size == 0:

@@ -16,31 +16,27 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from conftest import COMMON, CONFIGS, SAMPLE_TEXT, VOCAB
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, Qwen3Config
 
-from conftest import COMMON, CONFIGS, SAMPLE_TEXT, VOCAB
-from gradmap.export_gguf import (OUTTYPES, export_gguf, gguf_mismatches, roundtrip_check)
+from gradmap.export_gguf import OUTTYPES, converter_path, export_gguf, gguf_mismatches, roundtrip_check
 from gradmap.removal import remove_layers
 
 spm = pytest.importorskip("sentencepiece")
 gguf = pytest.importorskip("gguf")
 
 try:
-    from gradmap.export_gguf import converter_path
-
     converter_path()
-    HAVE_CONVERTER = True
-except FileNotFoundError as exc:  # pragma: no cover - depends on the install
-    HAVE_CONVERTER, WHY = False, str(exc)
+    MISSING = None
+except FileNotFoundError as exc:  # depends on the install
+    MISSING = str(exc)
 
-needs_converter = pytest.mark.skipif(not HAVE_CONVERTER, reason="llama.cpp converter not installed "
-                                                                "(bash scripts/install.sh installs it)")
+needs_converter = pytest.mark.skipif(MISSING is not None, reason=f"llama.cpp converter not installed: {MISSING}")
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 GEMMA3_PATTERN_12 = ([SLIDING] * 5 + [FULL]) * 2  # llama.cpp / transformers: layer i global iff i % 6 == 5
@@ -105,8 +101,8 @@ NOT_ROUNDTRIP = {
 
 @needs_converter
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
-@pytest.mark.parametrize("family", ROUNDTRIP + [pytest.param(f, marks=pytest.mark.skip(reason=r), id=f"{f}-skip:{r[:60]}")
-                                                for f, r in NOT_ROUNDTRIP.items()])
+@pytest.mark.parametrize("family", ROUNDTRIP + [
+    pytest.param(f, marks=pytest.mark.skip(reason=r), id=f"{f}-skip:{r[:60]}") for f, r in NOT_ROUNDTRIP.items()])
 def test_roundtrip_f32(family, pruned, tmp_path, sp_model):
     """f32 GGUF reloaded by transformers gives the checkpoint's logits (up to float32 summation order)."""
     layers = 12 if family == "gemma3_text" else 6
@@ -331,7 +327,5 @@ def test_converter_failure_leaves_old_file(tmp_path, sp_model):
 
 def test_missing_converter_message(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADMAP_GGUF_CONVERTER", str(tmp_path / "none"))
-    from gradmap.export_gguf import converter_path as cp
-
     with pytest.raises(FileNotFoundError, match="pip install --no-deps --target"):
-        cp()
+        converter_path()

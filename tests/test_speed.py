@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import VOCAB, tiny_model
+
 from gradmap.removal import remove_layers
 from gradmap.speed import compare_speed, make_inputs, measure_speed
 
@@ -39,7 +39,7 @@ def test_measure_speed_structure(device, tiny_tokenizer):
 
 
 def test_never_stops_early_on_eos():
-    """A model that always predicts EOS: plain greedy generate stops after 1 token; the measurement still decodes all."""
+    """A model that always predicts EOS: plain greedy generate stops after 1 token; the measurement decodes all."""
     model = tiny_model("llama")
     with torch.no_grad():
         model.model.norm.weight.zero_()  # final hidden states 0 -> all logits 0 -> argmax is token 0
