@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from .models import cache_dir
+from .paths import cache_dir
 
 logger = logging.getLogger(__name__)
 
