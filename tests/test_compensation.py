@@ -10,8 +10,9 @@ import torch
 import gradmap.compensation.cross_validation as cv_mod
 from conftest import random_calibration, tiny_model
 from gradmap.adapters import get_adapter
-from gradmap.compensation import (RIDGE_GRID, aligned_dense_layer, compensate, gap_positions, gram_statistics,
+from gradmap.compensation import (aligned_dense_layer, compensate, gap_positions, gram_statistics,
                                   mean_shifts)
+from gradmap.compensation.cross_validation import RIDGE_LIMITS, VERIFY, reconstruction_error, search_ridges
 from gradmap.data import Calibration
 from gradmap.engine import Engine, Windows
 from gradmap.projection import solve_ridge
@@ -112,13 +113,21 @@ def test_compensate_lowers_cv_loss_and_keeps_dense(mode):
     expected_layers = [0, 3] if mode == "every-gap" else [max(result.shifts, key=result.shifts.get)]
     assert [f.layer for f in result.fits] == expected_layers
     assert result.fits[0].loss_before == pytest.approx(total / count, rel=1e-6)
-    assert result.fits[0].applied
     for f in result.fits:
         assert f.loss_after <= f.loss_before
         assert f.candidates["none"] == f.loss_before
+        assert len(f.candidates) <= 1 + VERIFY
+        # the verified ridges are the best by cross-validated reconstruction error, and that best is not at an end of
+        # the searched range unless the range hit its limit
+        errors = {float(k): v for k, v in f.reconstruction.items() if k != "none"}
+        best = min(errors, key=errors.get)
+        assert best in {float(k) for k in f.candidates if k != "none"}
+        assert min(errors) < best < max(errors) or best in RIDGE_LIMITS
         if f.applied:
             assert f.loss_after == min(v for v in f.candidates.values() if v == v)
             assert f.tokens == 8 * 15  # SKIP_FIRST = 1 position of each window left out of the fit
+    if mode == "every-gap":
+        assert any(f.applied for f in result.fits)
     assert result.passes > 0
     for k, v in model.state_dict().items():  # folds are overrides: the dense model is untouched
         assert torch.equal(v, state[k])
@@ -162,24 +171,42 @@ def test_group_statistics_sum_to_the_single_group_statistics():
     torch.testing.assert_close(C3, one.C[0], rtol=1e-10, atol=1e-10 * float(C3.abs().max()))
 
 
-def test_cv_losses_and_final_fold_by_hand():
-    """Each candidate's CV loss is the sum over groups of the loss of the group-k fit on group k, recomputed on a
-    really folded copy of the pruned model; the applied T is solve_ridge(G, C, λ, prior="identity") on all windows."""
+def test_cv_losses_reconstruction_errors_and_final_fold_by_hand():
+    """Each verified ridge's CV loss is the sum over groups of the loss of the group-k fit on group k, recomputed on a
+    really folded copy of the pruned model; each searched ridge's reconstruction error is the held-out
+    ‖M_k T_k − (Y_k − X_k + M_k)‖² of materialised activations; the applied T is solve_ridge(G, C, λ, identity)."""
     cal = random_calibration(nsamples=8, seqlen=16, seed=5, pad_last=3)
     with stage2(cal) as (model, engine, traj, dense):  # layers 2, 3 removed: one gap, after kept position 1
         stats = gram_statistics(traj, dense, 1)
         result = compensate(traj, dense, mode="every-gap")
-        applied = engine.view.overrides[1]["mlp.down_proj.weight"]
+        applied = engine.view.overrides[1]["mlp.down_proj.weight"] if engine.view.overrides else None
     (fit,) = result.fits
-    assert fit.applied and fit.ridge in RIDGE_GRID and fit.tokens == cal.num_tokens - cal.nsamples
+    assert fit.tokens == cal.num_tokens - cal.nsamples
     manual = pruned_copy(model, (2, 3))
     adapter = get_adapter(manual)
     layer = adapter.layers(manual)[1]
     down = adapter.down_proj(layer)
     original = down.weight.detach().clone()
     G, C = stats.total()
-    for lam in RIDGE_GRID:
-        total, count = 0.0, 0
+    # materialised activations per group: M (down_proj output), X (layer output), Y (dense state after layer 3)
+    d_out, _ = capture_all(model, cal)
+    p_out, p_down = capture_all(manual, cal)
+    used = cal.attention_mask.clone()
+    used[:, :1] = 0
+    for lam_key, error in fit.reconstruction.items():
+        if lam_key == "none":
+            continue
+        lam, want = float(lam_key), 0.0
+        for k in range(4):
+            rows = slice(2 * k, 2 * k + 2)
+            real = used[rows].bool().flatten()
+            M = p_down[1][rows].flatten(0, 1)[real].double()
+            Z = (d_out[3][rows] - p_out[1][rows]).flatten(0, 1)[real].double() + M
+            T = solve_ridge(G - stats.G[k], C - stats.C[k], lam, prior="identity")
+            want += float((M @ T - Z).square().sum())
+        assert error == pytest.approx(want, rel=1e-6, abs=1e-9), lam_key
+    for lam_key in [k for k in fit.candidates if k != "none"]:
+        lam, total, count = float(lam_key), 0.0, 0
         for k in range(4):
             adapter.fold_into_mlp_out_(layer, solve_ridge(G - stats.G[k], C - stats.C[k], lam, prior="identity"))
             part = Calibration(cal.input_ids[2 * k:2 * k + 2], cal.attention_mask[2 * k:2 * k + 2])
@@ -187,12 +214,27 @@ def test_cv_losses_and_final_fold_by_hand():
             total, count = total + t, count + c
             with torch.no_grad():
                 down.weight.copy_(original)
-        assert fit.candidates[f"{lam:g}"] == pytest.approx(total / count, rel=1e-5)
-    assert fit.loss_after == min(fit.candidates.values()) < fit.loss_before
-    assert fit.candidates[f"{fit.ridge:g}"] == fit.loss_after
-    adapter.fold_into_mlp_out_(layer, solve_ridge(G, C, fit.ridge, prior="identity"))
-    torch.testing.assert_close(applied, down.weight, rtol=0, atol=1e-5)
-    assert not torch.allclose(down.weight, original, atol=1e-3)  # the fold did change the layer
+        assert fit.candidates[lam_key] == pytest.approx(total / count, rel=1e-5)
+    assert fit.loss_after == min(fit.candidates.values())
+    if fit.applied:
+        assert fit.candidates[f"{fit.ridge:g}"] == fit.loss_after < fit.loss_before
+        adapter.fold_into_mlp_out_(layer, solve_ridge(G, C, fit.ridge, prior="identity"))
+        torch.testing.assert_close(applied, down.weight, rtol=0, atol=1e-5)
+        assert not torch.allclose(down.weight, original, atol=1e-3)  # the fold did change the layer
+    else:
+        assert applied is None and fit.loss_after == fit.loss_before
+
+
+def test_ridge_search_extends_past_a_best_end():
+    """A quadratic reconstruction error whose minimum lies beyond the grid's top end: the search extends upward."""
+    cal = random_calibration(nsamples=8, seqlen=16, seed=5)
+    with stage2(cal) as (model, engine, traj, dense):
+        stats = gram_statistics(traj, dense, 1)
+    errors, _ = search_ridges(stats, ridges=(1e-4, 1e-3))
+    best = min(errors, key=errors.get)
+    assert max(errors) > 1e-3  # the grid grew past its top end ...
+    assert best < max(errors) or best == RIDGE_LIMITS[1]  # ... until the best is interior (or the limit is hit)
+    assert errors[best] == pytest.approx(reconstruction_error(stats, best))
 
 
 def test_zeroed_down_proj_is_reported_once_and_left_unchanged():

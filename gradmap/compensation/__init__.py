@@ -25,8 +25,8 @@ import time
 
 from ..engine import Trajectory
 from ..names import COMPENSATIONS, STAGE2_MODES, check_compensation
-from .cross_validation import choose_ridge, final_fold
-from .fit import RIDGE_GRID, CompensationResult, LayerFit
+from .cross_validation import RIDGE_GRID, choose_ridge, final_fold
+from .fit import CompensationResult, LayerFit
 from .replaceme import replaceme_compensate
 from .statistics import SKIP_FIRST, aligned_dense_layer, gap_positions, gram_statistics, mean_shifts
 
@@ -42,8 +42,8 @@ def compensate(traj: Trajectory, dense: Trajectory, *, mode: str = "every-gap", 
             cross-validation folds (:class:`gradmap.engine.Windows`, ``groups`` ≥ 2 to compensate).
         dense: the calibration trajectory through the dense view (:meth:`gradmap.engine.Trajectory.snapshot`).
         mode: one of :data:`gradmap.names.COMPENSATIONS`.
-        ridge: relative ridge λ; ``None`` chooses from :data:`.fit.RIDGE_GRID` by cross-validation (GradMAP modes) or
-            ReplaceMe's fixed default. A fixed λ is still cross-validated against "no fold" (GradMAP modes).
+        ridge: relative ridge λ; ``None`` searches a wide grid by cross-validation (:mod:`.cross_validation`, GradMAP
+            modes) or uses ReplaceMe's fixed default. A fixed λ is still cross-validated against "no fold".
 
     Returns:
         :class:`CompensationResult` (shifts, fits with their cross-validated losses, notes, seconds, passes).
@@ -85,10 +85,11 @@ def compensate(traj: Trajectory, dense: Trajectory, *, mode: str = "every-gap", 
         G, _ = stats.total()
         silent = float(G.diagonal().sum()) == 0.0  # a zeroed down_proj (BlockPruner's removed MLP) gives M = 0
         if silent:
-            lam, loss, candidates, raised = None, base_loss, {"none": base_loss}, []
+            choice = {"ridge": None, "loss": base_loss, "losses": {"none": base_loss}, "notes": [],
+                      "reconstruction": {}}
         else:
-            lam, loss, candidates, raised = choose_ridge(traj, position, stats,
-                                                         (ridge,) if ridge is not None else RIDGE_GRID, base_loss)
+            choice = choose_ridge(traj, position, stats, base_loss, ridge=ridge)
+        lam, loss, candidates, raised = choice["ridge"], choice["loss"], choice["losses"], choice["notes"]
         for r in raised:
             result.notes.append(f"layer {orig}: ill-conditioned Gram matrix: {r}")
             logger.warning("stage 2: layer %d: ill-conditioned Gram matrix: %s", orig, r)
@@ -109,7 +110,8 @@ def compensate(traj: Trajectory, dense: Trajectory, *, mode: str = "every-gap", 
         fit = LayerFit(layer=orig, position=position, aligned_dense_layer=aligned_dense_layer(kept, position, dense.n),
                        ridge=lam if applied else None, loss_before=base_loss,
                        loss_after=loss if applied else base_loss, candidates=candidates, applied=applied,
-                       tokens=stats.tokens, seconds=time.perf_counter() - t0, note=note)
+                       tokens=stats.tokens, seconds=time.perf_counter() - t0, note=note,
+                       reconstruction=choice["reconstruction"])
         result.fits.append(fit)
         logger.info("stage 2: layer %d -> cross-validated loss %.4f -> %.4f (ridge %s)%s", orig, base_loss,
                     fit.loss_after, f"{lam:g}" if applied else "none", "" if applied else " [skipped]")

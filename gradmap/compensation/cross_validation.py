@@ -1,14 +1,23 @@
-"""Choosing the stage-2 ridge by k-fold cross-validation of the next-token loss, against "no fold".
+"""Choosing the stage-2 ridge by k-fold cross-validation, against "no fold".
 
-For a kept layer p with per-group Gram statistics ``G_g``, ``C_g`` (:func:`.statistics.gram_statistics`; ``G = Σ G_g``)
-and a ridge λ, each group ``g`` is scored with ``T_g = solve_ridge(G − G_g, C − C_g, λ, prior="identity")`` folded into
-layer p: the summed next-token loss of group ``g``'s windows, from a forward resumed at layer p (a fold changes
-nothing before it). The cross-validated loss of λ sums over the groups and divides by all predicted tokens. "No fold"
-scores the current model on all windows. A fold is kept only if some λ beats "no fold"; then ``solve_ridge(G, C, λ)``
-on all windows is folded. Otherwise the layer is left as it was and the report says so.
+For a kept layer p with per-group Gram statistics ``G_g = M_gᵀM_g``, ``C_g = M_gᵀZ_g`` and ``z_g = ‖Z_g‖²``
+(:func:`.statistics.gram_statistics`; ``G = Σ G_g``) and a ridge λ, group ``g`` is predicted by the fit on the other
+groups, ``T_g = solve_ridge(G − G_g, C − C_g, λ, prior="identity")``. Two cross-validated scores of λ:
 
-All groups of one λ run in one engine sweep (:meth:`gradmap.engine.Trajectory.candidate_losses`), each on its own
-micro-batches. The eigenvalues of ``G`` are computed once per layer (:class:`.fit.Spectrum`), not once per λ.
+* **reconstruction error** (closed form, no forward): how far the folded layer's held-out outputs land from the aligned
+  dense hidden states, :math:`E(\\lambda) = \\sum_g \\|M_g T_g - Z_g\\|^2 = \\sum_g \\mathrm{tr}(T_g^\\top G_g T_g) -
+  2\\,\\mathrm{tr}(T_g^\\top C_g) + z_g`, exactly, from the statistics alone;
+* **loss**: the summed next-token loss of group ``g``'s windows with ``T_g`` folded into layer p, from a forward resumed
+  at layer p (a fold changes nothing before it), over all groups, divided by all predicted tokens.
+
+The search (our design, not the paper's): every λ of a wide log grid (:data:`RIDGE_GRID`, 1e-4 … 1e4) is scored by its
+reconstruction error, which costs only ``d × d`` solves; if the best sits at an end of the grid, the grid is extended
+by factors of 10 in that direction (to 1e-8 / 1e8) until it does not, so the chosen λ is never an end of the range
+searched. The ``verify`` best λ by reconstruction error are then scored by their cross-validated LOSS (one engine sweep
+each, all groups together), and the best of them must beat "no fold" (the current model's loss on all windows) to be
+applied, as ``solve_ridge(G, C, λ)`` on all windows. Otherwise the layer is left as it was and the report says so.
+A λ given by the user skips the search and is only checked against "no fold". The eigenvalues of ``G`` are
+computed once per layer (:class:`.fit.Spectrum`), not once per λ.
 """
 
 from __future__ import annotations
@@ -22,6 +31,13 @@ from ..projection import solve_ridge
 from .fit import Spectrum, conditioned_ridge, fold_overrides
 from .statistics import GramStats
 
+#: Relative ridges scored by reconstruction error (extended past an end when the best sits there).
+RIDGE_GRID = tuple(10.0 ** e for e in range(-4, 5))
+#: How far the grid may be extended (powers of ten).
+RIDGE_LIMITS = (1e-8, 1e8)
+#: λ values verified by the cross-validated loss (each costs one resumed engine sweep).
+VERIFY = 2
+
 
 def _solve(G: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor | None:
     try:
@@ -29,6 +45,24 @@ def _solve(G: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor | None:
     except torch.linalg.LinAlgError:
         return None
     return T if torch.isfinite(T).all() else None
+
+
+def reconstruction_error(stats: GramStats, lam: float) -> float:
+    """Cross-validated reconstruction error ``E(λ)`` (module docstring; hidden-state units squared, summed over the
+    held-out tokens); NaN when a group's solve fails."""
+    G, C = stats.total()
+    total = 0.0
+    for g in range(len(stats.G)):
+        T = _solve(G - stats.G[g], C - stats.C[g], lam)
+        if T is None:
+            return math.nan
+        total += float((stats.G[g] @ T * T).sum() - 2 * (T * stats.C[g]).sum() + stats.z[g])
+    return total
+
+
+def no_fold_reconstruction_error(stats: GramStats) -> float:
+    """``E`` of the identity (no fold): ``Σ_g tr(G_g) − 2 tr(C_g) + z_g``."""
+    return float(sum(torch.trace(G) - 2 * torch.trace(C) + z for G, C, z in zip(stats.G, stats.C, stats.z)))
 
 
 def cross_validated_loss(traj: Trajectory, position: int, stats: GramStats, lam: float) -> float:
@@ -49,36 +83,81 @@ def cross_validated_loss(traj: Trajectory, position: int, stats: GramStats, lam:
     return total / max(count, 1)
 
 
-def choose_ridge(traj: Trajectory, position: int, stats: GramStats, ridges: tuple[float, ...], base_loss: float
-                 ) -> tuple[float | None, float, dict[str, float], list[str]]:
-    """Cross-validate each ridge in ``ridges`` (raised where the Gram matrix needs it, :func:`.fit.conditioned_ridge`)
-    against "no fold" (``base_loss``, nats/token).
+def _conditioned(spectrum, requested: float, notes: list[str]) -> float | None:
+    lam, cond = conditioned_ridge(spectrum, requested)
+    if lam is None:
+        notes.append(f"ridge {requested:g}: no ridge up to 1e32 conditions it (zero or non-finite); skipped")
+    elif lam != requested:
+        notes.append(f"ridge {requested:g} raised to {lam:g} (Gram matrix condition number {cond:.3g})")
+    return lam
+
+
+def search_ridges(stats: GramStats, ridges: tuple[float, ...] = RIDGE_GRID) -> tuple[dict[float, float], list[str]]:
+    """Reconstruction error of every ridge of ``ridges`` (conditioned), the grid extended past an end that is best.
 
     Returns:
-        ``(λ or None, its cross-validated loss, {"none" and each tried λ: loss}, notes)``: ``None`` when no λ beats
-        "no fold" or the statistics are all zero.
+        ``({λ: E(λ)}, notes)`` (λ after any conditioning raise; notes on raises).
     """
     G, _ = stats.total()
     spectrum = Spectrum.of(G)
-    candidates: dict[str, float] = {"none": base_loss}
-    best: tuple[float | None, float] = (None, base_loss)
     notes: list[str] = []
+    errors: dict[float, float] = {}
     for requested in ridges:
-        lam, cond = conditioned_ridge(spectrum, requested)
-        if lam is None:
-            notes.append(f"ridge {requested:g}: no ridge up to 1e32 conditions it (zero or non-finite); skipped")
-            candidates[f"{requested:g}"] = math.nan
-            continue
-        if lam != requested:
-            notes.append(f"ridge {requested:g} raised to {lam:g} (Gram matrix condition number {cond:.3g})")
-        key = f"{lam:g}"
-        if key in candidates:  # two requested ridges raised to the same λ: scored once
-            continue
+        lam = _conditioned(spectrum, requested, notes)
+        if lam is not None and lam not in errors:
+            errors[lam] = reconstruction_error(stats, lam)
+    while errors:
+        finite = {k: v for k, v in errors.items() if math.isfinite(v)}
+        if not finite:
+            break
+        best = min(finite, key=finite.get)
+        low, high = min(errors), max(errors)
+        if best == high and high * 10 <= RIDGE_LIMITS[1]:
+            nxt = high * 10
+        elif best == low and low / 10 >= RIDGE_LIMITS[0]:
+            nxt = low / 10
+        else:
+            break
+        lam = _conditioned(spectrum, nxt, notes)
+        if lam is None or lam in errors:
+            break
+        errors[lam] = reconstruction_error(stats, lam)
+    return errors, notes
+
+
+def choose_ridge(traj: Trajectory, position: int, stats: GramStats, base_loss: float, *,
+                 ridge: float | None = None, verify: int = VERIFY) -> dict:
+    """The λ to fold at kept layer ``position`` (module docstring), or ``None`` when no λ beats "no fold".
+
+    Args:
+        base_loss: the current model's mean next-token loss on all windows ("no fold", nats/token).
+        ridge: a user-given λ (checked against "no fold" only), or ``None`` to search.
+        verify: how many of the best λ by reconstruction error are scored by the cross-validated loss.
+
+    Returns:
+        ``{"ridge": λ or None, "loss": its cross-validated loss (base_loss if None), "losses": {"none" and each
+        verified λ (:g): loss}, "reconstruction": {"none" and each scored λ (:g): E}, "notes": [...]}``.
+    """
+    G, _ = stats.total()
+    if ridge is not None:
+        notes: list[str] = []
+        lam = _conditioned(Spectrum.of(G), ridge, notes)
+        errors = {lam: reconstruction_error(stats, lam)} if lam is not None else {}
+        chosen = [lam] if lam is not None else []
+    else:
+        errors, notes = search_ridges(stats)
+        ranked = sorted((v, k) for k, v in errors.items() if math.isfinite(v))
+        chosen = [k for _, k in ranked[:verify]]
+    losses: dict[str, float] = {"none": base_loss}
+    best: tuple[float | None, float] = (None, base_loss)
+    for lam in chosen:
         loss = cross_validated_loss(traj, position, stats, lam)
-        candidates[key] = loss
+        losses[f"{lam:g}"] = loss
         if loss < best[1]:
             best = (lam, loss)
-    return best[0], best[1], candidates, notes
+    return {"ridge": best[0], "loss": best[1], "losses": losses, "notes": notes,
+            "reconstruction": {"none": no_fold_reconstruction_error(stats),
+                               **{f"{k:g}": v for k, v in sorted(errors.items())}}}
 
 
 def final_fold(traj: Trajectory, position: int, stats: GramStats, lam: float) -> dict | None:

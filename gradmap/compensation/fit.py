@@ -15,8 +15,6 @@ import torch
 
 from ..engine import Engine, View
 
-#: Relative ridges tried by cross-validation when none is given (see :mod:`.cross_validation` for the search).
-RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 MAX_CONDITION = 1e10
 
 
@@ -105,10 +103,11 @@ class LayerFit:
 
     ``loss_before`` is the mean next-token cross-entropy (nats/token, all calibration windows) of the model without
     this fold (earlier folds applied); ``loss_after`` the cross-validated loss of the chosen λ (equal to
-    ``loss_before`` when the fold is skipped), and ``candidates`` maps ``"none"`` and each tried λ (formatted ``:g``,
-    after any conditioning raise) to its cross-validated loss (NaN: the solve failed). ``ridge`` is the λ of the
-    applied fold (``None`` if skipped), ``tokens`` the real tokens that fed the final fit, ``seconds`` the wall time.
-    ReplaceMe's fits hold no losses (``None``: nothing is held out).
+    ``loss_before`` when the fold is skipped), and ``candidates`` maps ``"none"`` and each VERIFIED λ (formatted
+    ``:g``, after any conditioning raise) to its cross-validated loss (NaN: the solve failed); ``reconstruction``
+    maps ``"none"`` and every λ searched to its cross-validated reconstruction error (:mod:`.cross_validation`).
+    ``ridge`` is the λ of the applied fold (``None`` if skipped), ``tokens`` the real tokens that fed the final fit,
+    ``seconds`` the wall time. ReplaceMe's fits hold no losses (``None``: nothing is held out).
     """
 
     layer: int
@@ -122,6 +121,7 @@ class LayerFit:
     tokens: int
     seconds: float
     note: str = ""
+    reconstruction: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -88,12 +88,13 @@ def mean_shifts(traj: Trajectory, dense: Trajectory) -> tuple[list[float], list[
 
 @dataclass
 class GramStats:
-    """Per-group Gram statistics of one kept layer: ``G[g] = MᵀM`` and ``C[g] = MᵀZ`` over the windows of group
-    ``g`` (fp64 ``[d, d]`` on the device, all ranks), and the real tokens that fed them (all groups)."""
+    """Per-group Gram statistics of one kept layer: ``G[g] = MᵀM``, ``C[g] = MᵀZ`` (fp64 ``[d, d]`` on the device)
+    and ``z[g] = ‖Z‖²`` (fp64 float) over the windows of group ``g``, all ranks; and the real tokens that fed them."""
 
     G: list[torch.Tensor]
     C: list[torch.Tensor]
     tokens: int
+    z: list[float]
 
     def total(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Σ_g G[g], Σ_g C[g])``: the statistics of all windows."""
@@ -125,7 +126,7 @@ def gram_statistics(traj: Trajectory, dense: Trajectory, position: int, *, skip_
     d = engine.config.hidden_size
     G = [torch.zeros(d, d, dtype=torch.float64, device=engine.device) for _ in groups]
     C = [torch.zeros(d, d, dtype=torch.float64, device=engine.device) for _ in groups]
-    tokens = torch.zeros(1, dtype=torch.float64)
+    tokens = torch.zeros(1 + len(groups), dtype=torch.float64)  # tokens, then z per group
     traj.forward(upto=position)
     got: dict = {}
 
@@ -158,14 +159,15 @@ def gram_statistics(traj: Trajectory, dense: Trajectory, position: int, *, skip_
                 target = rms * (y.double() - x.double() + nm) * got["gain_inv"]
             g = next(i for i, members in enumerate(groups) if k in members)
             gram_accumulate_(G[g], C[g], m, target)
-            tokens += int(real.sum())
+            tokens[0] += int(real.sum())
+            tokens[1 + g] += float(target.square().sum())
     flat = torch.stack(G + C)
     engine.all_reduce_(flat)
     engine.all_reduce_(tokens)
     if not torch.isfinite(flat).all():
         raise ValueError(f"stage 2: the Gram matrix of layer {orig} holds NaN/inf: the activations overflowed "
                          "(float16?); rerun with dtype bfloat16 or float32, or --compensate none")
-    return GramStats(list(flat[:len(groups)]), list(flat[len(groups):]), int(tokens))
+    return GramStats(list(flat[:len(groups)]), list(flat[len(groups):]), int(tokens[0]), tokens[1:].tolist())
 
 
 class _Remove:
