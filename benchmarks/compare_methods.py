@@ -174,14 +174,11 @@ def run_selection(model, calibration, target, method, args) -> dict:
     engine, traj = open_engine(model, calibration, args)
     try:
         with PeakMemory(device) as mem:
-            t0, work0 = time.perf_counter(), engine.work
-            traj.forward()  # the first forward of the dense model, shared by every method (as gradmap.prune does)
-            first = traj.passes(engine.work - work0)
+            t0 = time.perf_counter()
             verify = ({"method": "gradmap", "verify_top": args.verify_top} if method == "gradmap-verify"
                       else {"method": method})
             sel = select_layers(traj, target, **verify, metric=args.metric)
             seconds = time.perf_counter() - t0
-        sel.passes += first
         kept = list(engine.view.kept)
         removed_params = sum(engine.layer_params[i] for i in range(engine.n_layers) if i not in set(kept))
     finally:

@@ -37,6 +37,7 @@ from .data import build_calibration, load_text, tokenize
 from .engine import Engine, ModelWeights, Windows, build_skeleton, init_from_environment, rank_device
 from .engine.memory import GiB, ModelShape, RunSettings, plan_run
 from .evaluation import perplexity
+from .export_gguf import export_gguf, roundtrip_check
 from .methods.metrics import layer_scores
 from .models import (NAMED_MODELS, check_model_dir, default_dtype, load_model, parse_dtype, read_config,
                      resolve_model_path)
@@ -106,10 +107,28 @@ def _zeroshot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ppl", action="store_true", help="skip the perplexity evaluation (zero-shot only)")
 
 
+def _counts(value: str) -> list[int]:
+    """``--save-at 4,6,8`` → ``[4, 6, 8]``."""
+    try:
+        counts = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts like 4,6,8, got {value!r}") from None
+    if len(set(counts)) != len(counts) or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"layer counts must be distinct and >= 1, got {value!r}")
+    return counts
+
+
 def _prune_args(p: argparse.ArgumentParser, *, plan_only: bool = False) -> None:
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--num-layers", type=int, help="number of decoder layers to remove")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--num-layers", type=int, help="number of decoder layers to remove (a ceiling with "
+                                                       "--max-ppl-increase)")
     target.add_argument("--ratio", type=float, help="fraction of decoder layers to remove, in (0, 1)")
+    p.add_argument("--max-ppl-increase", type=float, default=None, metavar="PCT",
+                   help="quality budget: keep removing layers while the held-out calibration perplexity stays within "
+                        "PCT percent of the dense model's (--num-layers/--ratio, if given, are a ceiling)")
+    p.add_argument("--holdout", type=int, default=None, metavar="N",
+                   help="held-out calibration windows (not used for scoring) for the removal curve and the quality "
+                        "budget (default max(2, --nsamples / 4); 0 = no curve)")
     p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
                    help=f"layer selection: GradMAP or a baseline (default {DEFAULT_METHOD})")
     p.add_argument("--metric", default=None, choices=METRICS,
@@ -135,6 +154,17 @@ def _prune_args(p: argparse.ArgumentParser, *, plan_only: bool = False) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     if plan_only:
         return
+    p.add_argument("--save-at", type=_counts, default=[], metavar="COUNTS",
+                   help="also save the model after these removed-layer counts (e.g. 4,6,8): one run writes "
+                        "OUTPUT/layers-4/, ... each compensated and with its own report")
+    p.add_argument("--no-speed", action="store_true",
+                   help="skip measuring dense vs pruned prefill and decode tokens/s on the run's device")
+    p.add_argument("--export-gguf", default=None, metavar="FILE",
+                   help="also write the pruned model as GGUF for llama.cpp (llama.cpp's own converter)")
+    p.add_argument("--gguf-type", default="f32", choices=("f32", "f16", "bf16", "q8_0"),
+                   help="GGUF tensor type of --export-gguf (default f32)")
+    p.add_argument("--allow-gguf-mismatch", action="store_true",
+                   help="write the GGUF even when its readers would rebuild a different model (warned)")
     p.add_argument("--output", required=True, help="output directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     state = p.add_mutually_exclusive_group()
@@ -174,6 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default="hooks", choices=BACKENDS,
                    help="weight-metric gradient reduction: hooks (default) or fused (no dW stored)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    g = sub.add_parser("export-gguf", help="write a (pruned) model directory as one GGUF file for llama.cpp")
+    g.add_argument("model_dir", help="Hugging Face model directory (e.g. a gradmap prune output)")
+    g.add_argument("out", help="the .gguf file to write")
+    g.add_argument("--outtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"), help="tensor type (default f32)")
+    g.add_argument("--allow-mismatch", action="store_true",
+                   help="write even when the GGUF readers would rebuild a different model (warned)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    g.add_argument("--check", action="store_true",
+                   help="reload the GGUF with transformers and compare its logits with the checkpoint's")
+    g.add_argument("-q", "--quiet", action="store_true", help="warnings only")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
     e = sub.add_parser("eval", help="perplexity of a model on a text, and zero-shot accuracy")
     _common(e)
@@ -281,16 +323,26 @@ def _output_lock(output: str):
             lock.unlink()
 
 
-def _calibration(args, tokenizer, split: str, max_length):
+def _calibration(args, tokenizer, split: str, max_length, holdout: int = 0):
+    """The calibration windows and, with ``holdout`` > 0, as many held-out windows disjoint from them (the removal
+    curve and quality budget)."""
     text = load_text(args.text, split)
     try:
-        return build_calibration(tokenizer, text, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                                 source=args.text, max_length=max_length)
+        calibration = build_calibration(tokenizer, text, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                        source=args.text, max_length=max_length)
+        held = None
+        if holdout:
+            held = build_calibration(tokenizer, text, nsamples=holdout, seqlen=args.seqlen, seed=args.seed + 1,
+                                     source=args.text, max_length=max_length, exclude=calibration.spec["windows"])
     except ValueError as exc:
         msg = str(exc)
         if msg.startswith("calibration text has"):
             raise ValueError(f"--text: {msg}") from None
+        if msg.startswith("nsamples:") and holdout and "excluded" in msg:
+            raise ValueError(f"--holdout: {holdout} held-out windows do not fit beside the {args.nsamples} calibration "
+                             f"windows: {msg.partition(': ')[2]}") from None
         raise _cli_names(exc) from None
+    return calibration, held
 
 
 def _check_text_files(args, calib_split: str, eval_text: str | None) -> None:
@@ -304,6 +356,19 @@ def _check_text_files(args, calib_split: str, eval_text: str | None) -> None:
 
 
 def _check_prune_flags(args, limits: ModelLimits) -> None:
+    if args.num_layers is None and args.ratio is None and args.max_ppl_increase is None:
+        raise ValueError("--num-layers: give --num-layers, --ratio or --max-ppl-increase (the quality budget)")
+    if args.max_ppl_increase is not None and not args.max_ppl_increase > 0:
+        raise ValueError(f"--max-ppl-increase: must be a positive percentage, got {args.max_ppl_increase}")
+    if args.max_ppl_increase is not None and args.method == "blockpruner":
+        raise ValueError("--max-ppl-increase: BlockPruner removes sub-blocks toward a parameter budget; use "
+                         "--num-layers/--ratio with it")
+    if args.holdout is not None and args.holdout < 0:
+        raise ValueError(f"--holdout: must be >= 0, got {args.holdout}")
+    if args.holdout == 0 and args.max_ppl_increase is not None:
+        raise ValueError("--holdout: the quality budget needs held-out windows; give --holdout >= 1")
+    if getattr(args, "save_at", None) and args.method == "blockpruner":
+        raise ValueError("--save-at: BlockPruner's removal order mixes sub-blocks and layers; no layer-count save points")
     if args.metric is not None and args.method != "gradmap":
         raise ValueError(f"--metric: applies to --method gradmap only (--method {args.method} has its own score)")
     if args.backend != "hooks" and args.method not in ("gradmap", "taylor-plus"):
@@ -327,13 +392,19 @@ def _check_prune_flags(args, limits: ModelLimits) -> None:
         raise ValueError(f"--folds: need 2 <= --folds <= --nsamples={args.nsamples}, got {args.folds}")
     if not args.no_eval and args.eval_tokens not in (0, None) and args.eval_tokens < 2:
         raise ValueError(f"--eval-tokens: must be 0 (all tokens) or >= 2, got {args.eval_tokens}")
+    num_layers = args.num_layers
+    if num_layers is None and args.ratio is None:  # the budget alone: its ceiling is every removable layer
+        num_layers = limits.num_layers - 1 - len(set(args.protected))
     try:
-        check_prune_plan(limits, num_layers=args.num_layers, ratio=args.ratio, protected=args.protected,
+        target = check_prune_plan(limits, num_layers=num_layers, ratio=args.ratio, protected=args.protected,
                          seqlen=args.seqlen, nsamples=args.nsamples, compensate=args.compensate, ridge=args.ridge,
                          micro_batch=args.micro_batch, eval_seqlen=None if args.no_eval else args.eval_seqlen,
                          names=CLI_NAMES)
     except ValueError as exc:
         raise _cli_names(exc) from None
+    too_far = [c for c in getattr(args, "save_at", []) if c > target]
+    if too_far:
+        raise ValueError(f"--save-at: {too_far} exceed the {target} layers the run removes at most")
 
 
 def _run_settings(args, parallel_world: int) -> RunSettings:
@@ -425,7 +496,8 @@ def cmd_prune(args) -> int:
             state.unlink()
         parallel.barrier()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        calibration = _calibration(args, tokenizer, calib_split, limits.max_length)
+        holdout = args.holdout if args.holdout is not None else max(2, args.nsamples // 4)
+        calibration, held = _calibration(args, tokenizer, calib_split, limits.max_length, holdout)
         eval_ids = None
         if not args.no_eval:
             eval_ids = tokenize(tokenizer, load_text(args.eval_text, _text_split(args.eval_text, "test", args.text)))
@@ -434,7 +506,9 @@ def cmd_prune(args) -> int:
         log.info("%s: %s run on %s (%s), weights %.2f GiB, estimated peak %.2f GiB", path, plan.mode, device,
                  args.dtype, plan.weights_total / GiB, plan.peak_device / GiB)
         result = prune(str(path) if args.model not in NAMED_MODELS else args.model, calibration,
-                       num_layers=args.num_layers, ratio=args.ratio, method=args.method,
+                       num_layers=args.num_layers, ratio=args.ratio, method=args.method, holdout=held,
+                       max_ppl_increase=args.max_ppl_increase, save_at=args.save_at,
+                       measure_speed=not args.no_speed and plan.mode == "resident",
                        metric=args.metric or DEFAULT_METRIC, compensate_mode=args.compensate, ridge=args.ridge,
                        protected=args.protected, micro_batch=args.micro_batch, eval_tokens=eval_ids,
                        eval_seqlen=args.eval_seqlen, eval_max_tokens=args.eval_tokens or None, seed=args.seed,
@@ -444,8 +518,16 @@ def cmd_prune(args) -> int:
         result.settings.update(model=str(args.model), text=args.text, eval_text=args.eval_text,
                                text_split=calib_split)
         if parallel.is_main:
-            written = result.save(args.output, tokenizer, overwrite=args.overwrite)
+            if args.save_at:
+                points = result.save_points(args.output, tokenizer, overwrite=args.overwrite)
+                written = points[len(result.removed)]
+            else:
+                written = result.save(args.output, tokenizer, overwrite=args.overwrite)
             state.unlink(missing_ok=True)  # the checkpoint is complete: nothing left to resume
+            if args.export_gguf:
+                export_gguf(written, args.export_gguf, outtype=args.gguf_type, allow_mismatch=args.allow_gguf_mismatch,
+                            overwrite=args.overwrite)
+                log.info("GGUF written: %s", args.export_gguf)
         parallel.barrier()
     if not parallel.is_main:
         return 0
@@ -471,6 +553,20 @@ def _print_result(args, result, path: Path) -> None:
             print(f"{name:<12} {layers:>6} {r['ppl']:>9.3f} {r['tokens']:>8} {r['tokens_per_s']:>8.0f}")
     t = result.timings
     print("time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    if result.curve:
+        c = result.curve
+        line = ", ".join(f"{p['removed']}: {p['holdout_ppl']:.2f}" for p in c["curve"])
+        print(f"held-out calibration PPL after each removal: {line}")
+        if c.get("stopped"):
+            print(f"quality budget: stopped after {len(result.removed)} layers (removing layer "
+                  f"{c['stopped']['layer']} would give held-out PPL {c['stopped']['holdout_ppl']:.2f} > "
+                  f"{c['limit']:.2f}, dense {c['dense_holdout_ppl']:.2f} + {c['max_ppl_increase']:g} %)")
+    if result.speed:
+        sp = result.speed
+        print(f"speed on {sp['dense'].get('device', '?')}: prefill {sp['dense']['prefill_tokens_per_s']:.0f} -> "
+              f"{sp['pruned']['prefill_tokens_per_s']:.0f} tokens/s ({sp['speedup']['prefill']:.2f}x), decode "
+              f"{sp['dense']['decode_tokens_per_s']:.1f} -> {sp['pruned']['decode_tokens_per_s']:.1f} tokens/s "
+              f"({sp['speedup']['decode']:.2f}x)")
     for note in result.compensation.notes:
         print(f"stage 2 note: {note}")
     print(f"checkpoint: {path}  (report: {path / 'gradmap_report.json'})")
@@ -492,7 +588,7 @@ def cmd_score(args) -> int:
                          "--backend hooks")
     _check_text_files(args, _text_split(args.text, "calibration", None), None)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    calibration = _calibration(args, tokenizer, _text_split(args.text, "calibration", None), limits.max_length)
+    calibration, _ = _calibration(args, tokenizer, _text_split(args.text, "calibration", None), limits.max_length)
     log.info("loading model %s", args.model)
     model, _ = load_model(path, dtype=args.dtype, device=args.device)
     engine = Engine(ModelWeights(model, get_adapter(model), device=torch.device(args.device),
@@ -568,6 +664,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export_gguf(args) -> int:
+    """``gradmap export-gguf DIR OUT.gguf``: llama.cpp's converter on a model directory, refusing a GGUF that its
+    readers would rebuild as a different model (unless ``--allow-mismatch``)."""
+    path = resolve_model_path(args.model_dir)
+    check_model_dir(path)
+    out = export_gguf(path, args.out, outtype=args.outtype, allow_mismatch=args.allow_mismatch,
+                      overwrite=args.overwrite)
+    print(f"GGUF: {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.outtype})")
+    if args.check:
+        check = roundtrip_check(path, out)
+        print(f"round trip: max |logit difference| {check['max_abs_diff']:.3g} (largest |logit| "
+              f"{check['max_abs_logit']:.3g}) on {check['batch_size']}x{check['seq_len']} tokens")
+    return 0
+
+
 def _check_counts(args) -> None:
     """Reject negative token counts before any work (0 means "all tokens")."""
     for name in ("eval_tokens", "tokens"):
@@ -576,7 +687,8 @@ def _check_counts(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 0 (0 = all tokens), got {value}")
 
 
-COMMANDS = {"prune": cmd_prune, "plan": cmd_plan, "score": cmd_score, "eval": cmd_eval}
+COMMANDS = {"prune": cmd_prune, "plan": cmd_plan, "score": cmd_score, "eval": cmd_eval,
+            "export-gguf": cmd_export_gguf}
 
 
 def main(argv: list[str] | None = None) -> int:

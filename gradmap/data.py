@@ -222,7 +222,8 @@ class Calibration:
 
 
 def build_calibration(tokenizer, text: str, *, nsamples: int = 32, seqlen: int = 256, seed: int = 0,
-                      source: str = WIKI, max_length: int | None = None) -> Calibration:
+                      source: str = WIKI, max_length: int | None = None,
+                      exclude: list[int] | tuple[int, ...] = ()) -> Calibration:
     """Sample ``nsamples`` windows of ``seqlen`` consecutive tokens from ``text``, deterministically.
 
     The text is tokenized as one stream and cut into the ``len // seqlen`` non-overlapping windows; ``nsamples`` of
@@ -237,6 +238,8 @@ def build_calibration(tokenizer, text: str, *, nsamples: int = 32, seqlen: int =
         seed: sampling seed.
         source: recorded in ``spec``.
         max_length: the model's maximum sequence length (``max_position_embeddings``), checked against ``seqlen``.
+        exclude: window indices (of the same ``seqlen`` cut) that may not be drawn, e.g. another set's
+            ``spec["windows"]`` to make a held-out set that shares no window with it.
 
     Raises:
         ValueError: bad ``nsamples``/``seqlen``, ``seqlen`` above ``max_length``, or text shorter than one window
@@ -252,10 +255,14 @@ def build_calibration(tokenizer, text: str, *, nsamples: int = 32, seqlen: int =
     nwin = ids.numel() // seqlen
     if nwin < 1:
         raise ValueError(f"calibration text has {ids.numel()} tokens, shorter than one window of seqlen={seqlen}")
-    if nsamples > nwin:
-        raise ValueError(f"nsamples: {nsamples} windows of {seqlen} tokens requested but the text holds only {nwin}")
+    excluded = {int(i) for i in exclude}
+    free = nwin - len(excluded & set(range(nwin)))
+    if nsamples > free:
+        raise ValueError(f"nsamples: {nsamples} windows of {seqlen} tokens requested but the text holds only {free}"
+                         + (f" (of {nwin}, {nwin - free} excluded)" if excluded else ""))
     gen = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(nwin, generator=gen)[:nsamples].sort().values
+    order = torch.randperm(nwin, generator=gen)
+    picks = order[~torch.isin(order, torch.tensor(sorted(excluded), dtype=order.dtype))][:nsamples].sort().values
     windows = ids[: nwin * seqlen].view(nwin, seqlen)[picks].clone()
     spec = {"source": str(source), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
             "tokens": nsamples * seqlen, "text_tokens": int(ids.numel()), "windows": picks.tolist()}

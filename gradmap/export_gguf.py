@@ -58,6 +58,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from gguf import GGUFReader
+from transformers import AutoConfig, AutoModelForCausalLM, GgufConfig
 
 from .paths import cache_dir
 
@@ -251,8 +253,6 @@ def _unsupported_reason(config) -> str | None:
 
 def _gguf_mismatches(model_dir: Path, config, gguf_file: Path) -> list[Mismatch]:
     """Compare the written GGUF, as the gguf reader and transformers' GGUF loader see it, with ``config``."""
-    from gguf import GGUFReader
-    from transformers import AutoConfig
 
     out = []
     reader = GGUFReader(str(gguf_file))
@@ -333,7 +333,6 @@ def gguf_mismatches(model_dir: str | os.PathLike, gguf_file: str | os.PathLike |
     Raises:
         ValueError: ``model_dir`` holds no ``config.json``, or its family cannot be exported (message says why).
     """
-    from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     _read_config(model_dir)
@@ -418,7 +417,6 @@ def export_gguf(model_dir: str | os.PathLike, out_file: str | os.PathLike, *, ou
 
 
 def _config(model_dir: Path):
-    from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(model_dir)
 
@@ -477,7 +475,6 @@ def roundtrip_check(model_dir: str | os.PathLike, gguf_file: str | os.PathLike, 
         RuntimeError: transformers cannot load the GGUF (its message: e.g. a size mismatch when the loader rebuilds
             different head sizes).
     """
-    from transformers import AutoModelForCausalLM, GgufConfig
 
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")

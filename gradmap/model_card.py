@@ -27,6 +27,9 @@ import os
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+
 CARD_FILE = "README.md"
 TAGS = ["pruned", "gradmap"]
 
@@ -213,12 +216,10 @@ def _check_plot(output_dir: Path, curve_png: str) -> str:
 
 
 def render_model_card(report: dict, *, base_model: str, output_dir: str | os.PathLike = ".",
-                      curve_png: str | None = None, model_name: str | None = None) -> str:
+                      curve_png: str | None = None, model_name: str | None = None,
+                      scores_png: str | None = None) -> str:
     """The card's text (front matter + body); see :func:`write_model_card`. ``output_dir`` is only read (licence in
-    ``config.json``, the plot's existence)."""
-    from huggingface_hub import ModelCardData
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
+    ``config.json``, the plots' existence)."""
     if not isinstance(report, dict):
         raise TypeError(f"report: expected a dict (PruneResult.report()), got {type(report).__name__}")
     try:
@@ -227,6 +228,7 @@ def render_model_card(report: dict, *, base_model: str, output_dir: str | os.Pat
         raise ValueError(f"base_model: {base_model!r} is not a Hugging Face repo id ('owner/name'): {exc}") from None
     output_dir = Path(output_dir)
     plot = _check_plot(output_dir, curve_png) if curve_png is not None else None
+    scores = _check_plot(output_dir, scores_png) if scores_png is not None else None
     data = ModelCardData(base_model=base_model, library_name="transformers", tags=list(TAGS),
                          pipeline_tag="text-generation", license=_license(report, output_dir, base_model))
     name = model_name or output_dir.absolute().name
@@ -238,7 +240,11 @@ def render_model_card(report: dict, *, base_model: str, output_dir: str | os.Pat
         if section:
             body += section + [""]
     if plot:
-        body += ["## Layer scores", "", f"![layer scores at each removal step]({plot})", ""]
+        body += ["## Removal curve", "", "Held-out calibration perplexity, parameters removed and measured forward "
+                 "tokens/s after each removed layer (and test perplexity at the saved counts).", "",
+                 f"![removal curve]({plot})", ""]
+    if scores:
+        body += ["## Layer scores", "", f"![layer scores at each removal step]({scores})", ""]
     body += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
              f'model = AutoModelForCausalLM.from_pretrained("{name}")',
              f'tokenizer = AutoTokenizer.from_pretrained("{name}")', "```", ""]
@@ -259,7 +265,8 @@ def render_model_card(report: dict, *, base_model: str, output_dir: str | os.Pat
 
 
 def write_model_card(output_dir: str | os.PathLike, report: dict, *, base_model: str,
-                     curve_png: str | None = None) -> Path:
+                     curve_png: str | None = None, scores_png: str | None = None,
+                     model_name: str | None = None) -> Path:
     """Write ``output_dir/README.md``: the Hub model card of a pruned checkpoint.
 
     Args:
@@ -267,8 +274,10 @@ def write_model_card(output_dir: str | os.PathLike, report: dict, *, base_model:
         report: the run's report (``PruneResult.report()``, or ``gradmap_report.json`` loaded); missing sections are
             left out of the card.
         base_model: Hub repo id of the dense model (``"owner/name"``), written as ``base_model`` metadata.
-        curve_png: path of the removal-curve plot RELATIVE to ``output_dir`` (e.g. ``"gradmap_scores.png"``), linked
-            from the card; None: no plot section.
+        curve_png: path of the removal-curve plot RELATIVE to ``output_dir`` (e.g. ``"gradmap_curve.png"``), linked
+            from the card; None: no curve section.
+        scores_png: path of the layer-scores plot, relative to ``output_dir``; None: no scores section.
+        model_name: the card's title and the name in its usage snippet (default: ``output_dir``'s name).
 
     Returns:
         Path of ``README.md``, written atomically (temporary file in ``output_dir``, then renamed; an existing card
@@ -282,7 +291,8 @@ def write_model_card(output_dir: str | os.PathLike, report: dict, *, base_model:
     out = Path(output_dir)
     if not out.is_dir():
         raise ValueError(f"output_dir: {str(out)!r} is not a directory")
-    text = render_model_card(report, base_model=base_model, output_dir=out, curve_png=curve_png)
+    text = render_model_card(report, base_model=base_model, output_dir=out, curve_png=curve_png,
+                             scores_png=scores_png, model_name=model_name)
     target = out / CARD_FILE
     fd, tmp = tempfile.mkstemp(prefix=f".{CARD_FILE}.", suffix=".tmp", dir=out)
     try:
@@ -309,9 +319,6 @@ def check_card(path: str | os.PathLike) -> dict:
     Raises:
         ValueError: the front matter does not parse, or a field is missing or wrong (message names it).
     """
-    from huggingface_hub import ModelCard
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     card = ModelCard.load(Path(path))
     meta = card.data.to_dict()
     try:

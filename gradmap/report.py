@@ -53,3 +53,53 @@ def plot_scores(steps: list[dict], path: str | Path, title: str = "layer scores 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def plot_curve(curve: dict, path: str | Path, final: int | None = None) -> None:
+    """Write a PNG of the removal curve (:meth:`gradmap.methods.budget.QualityBudget.as_dict`): held-out calibration
+    perplexity after each removal (with the budget's limit and the test PPL at the evaluated counts) on the left;
+    decoder parameters removed and the measured forward tokens/s on the right.
+
+    Args:
+        curve: the curve dict (``curve`` list of points; optional ``limit``, ``test_ppl``, ``stopped``).
+        path: PNG file to write.
+        final: the removed-layer count of the saved model (marked).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = curve["curve"]
+    xs = [p["removed"] for p in points]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    a.plot(xs, [p["holdout_ppl"] for p in points], marker="o", lw=1.5, label="held-out calibration PPL")
+    if curve.get("limit"):
+        a.axhline(curve["limit"], color="red", ls="--", lw=1,
+                  label=f"budget: dense + {curve['max_ppl_increase']:g} %")
+    test = {int(k): v for k, v in (curve.get("test_ppl") or {}).items()}
+    if test:
+        a.scatter(sorted(test), [test[k] for k in sorted(test)], marker="^", s=60, color="black", zorder=3,
+                  label="test PPL (saved models, compensated)")
+    if curve.get("stopped"):
+        a.scatter([len(points)], [curve["stopped"]["holdout_ppl"]], marker="x", s=70, color="red", zorder=3,
+                  label=f"refused: layer {curve['stopped']['layer']}")
+    if final is not None:
+        a.axvline(final, color="gray", lw=1, alpha=0.5)
+    a.set_xlabel("decoder layers removed")
+    a.set_ylabel("perplexity")
+    a.set_yscale("log")
+    a.grid(alpha=0.3, which="both")
+    a.legend(fontsize=7)
+    a.set_title("quality along the removal order")
+    b.bar(xs, [p["params_removed"] / 1e6 for p in points], color="tab:blue", alpha=0.4, label="parameters removed (M)")
+    b.set_xlabel("decoder layers removed")
+    b.set_ylabel("decoder parameters removed (millions)")
+    b2 = b.twinx()
+    b2.plot(xs, [p["tokens_per_s"] for p in points], marker=".", color="tab:orange", label="forward tokens/s")
+    b2.set_ylabel("measured forward tokens/s (held-out windows)")
+    b.set_title("size and speed along the removal order")
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import GenerationConfig
 from torch import nn
 
 
@@ -111,7 +112,6 @@ class _Runner:
     generated: list[int] = field(default_factory=list)
 
     def once(self, record: bool = True) -> None:
-        from transformers import GenerationConfig
 
         model, ids = self.model, self.ids
         mask = torch.ones_like(ids)

@@ -195,6 +195,9 @@ class Engine:
             memory (``None``: unlimited). On CPU every state is in host memory.
         stride: store every ``stride``-th boundary only (checkpointing; 1 stores all).
         progress: show progress bars (rank 0 only).
+        keep_graph: when every unit is resident, let the backward keep one micro-batch's autograd graph through the
+            layers it runs forward (:meth:`Trajectory.backward`'s fast path: no recomputation after a change);
+            ``False`` always recomputes layer by layer (least memory).
 
     Attributes:
         view: the live view (starts dense: every layer, nothing changed).
@@ -202,7 +205,7 @@ class Engine:
     """
 
     def __init__(self, weights: ModelWeights, *, parallel: DataParallel | None = None,
-                 state_budget: int | None = None, stride: int = 1, progress: bool = False):
+                 state_budget: int | None = None, stride: int = 1, progress: bool = False, keep_graph: bool = True):
         if stride < 1:
             raise ValueError(f"stride: must be >= 1, got {stride}")
         self.weights = weights
@@ -212,7 +215,7 @@ class Engine:
         self.device, self.dtype = weights.device, weights.dtype
         self.n_layers = weights.n_layers
         self.parallel = parallel or DataParallel()
-        self.state_budget, self.stride = state_budget, stride
+        self.state_budget, self.stride, self.keep_graph = state_budget, stride, keep_graph
         self.progress = progress and self.parallel.is_main
         self.view = View(list(range(self.n_layers)))
         self.work = 0.0
@@ -272,6 +275,10 @@ class Engine:
         for traj in self._trajectories:
             if traj.view is self.view:
                 traj.removed_at(position)
+
+    def reset_view(self, view: View) -> None:
+        """Make ``view`` the live view (trajectories of the previous live view keep theirs, frozen)."""
+        self.view = view
 
     def set_overrides(self, orig: int, tensors: dict[str, torch.Tensor]) -> None:
         """Use ``tensors`` (names relative to the layer) instead of layer ``orig``'s own parameters from now on."""
@@ -351,6 +358,7 @@ class Trajectory:
         self.valid = -1  # the last stored boundary that holds the view's states (-1: nothing computed yet)
         self._current: dict | None = None  # the states at position _current_at of the last forward (stored or not)
         self._current_at: int | None = None
+        self.on_complete: Callable | None = None  # called once, the first time every boundary is valid
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -454,6 +462,12 @@ class Trajectory:
             self.valid = position + 1 if self._stored(position + 1) else self.valid
         self._current = current  # the states at `upto` (also when not stored)
         self._current_at = upto
+        self._completed()
+
+    def _completed(self) -> None:
+        if self.on_complete is not None and self.keep and self.valid == self.n:
+            callback, self.on_complete = self.on_complete, None
+            callback(self)
 
     def final_states(self) -> dict[int, torch.Tensor]:
         """``h_n`` per micro-batch (after a forward to the end)."""
@@ -509,6 +523,8 @@ class Trajectory:
         Returns:
             The summed NLL (nats) over all ranks' windows (the forward's loss, for free).
         """
+        if self._keeps_graph():
+            return self._backward_resident(reducer, scope=scope, first_layer=first_layer, desc=desc)
         engine = self.engine
         states = self.final_states()
         norm = float(self.num_targets)
@@ -548,6 +564,75 @@ class Trajectory:
                         reducer(position, orig, k, h_in, h_out, grads[k])
         total = self.engine.parallel.sum_floats(total)[0]
         return total
+
+    def _keeps_graph(self) -> bool:
+        """Whether the backward may keep one micro-batch's autograd graph through every layer it runs forward: the
+        resident fast path (every unit on the device, every boundary stored, allowed by the engine)."""
+        engine = self.engine
+        return (engine.keep_graph and self.keep and engine.stride == 1
+                and all(engine.weights.is_live(u) for u in engine.weights.placement))
+
+    def _backward_resident(self, reducer, *, scope, first_layer: bool, desc: str) -> float:
+        """:meth:`backward` with the loops swapped (micro-batch outer) for resident models: each micro-batch runs the
+        layers from the last valid boundary to the end WITH its autograd graph (storing the new boundaries), the LM
+        head, one backward through them (tensor hooks hand each layer's output gradient to ``reducer``), then the
+        layers before that boundary are recomputed and back-propagated one at a time. Same results as the layer-outer
+        sweep; the layers after the change run forward once instead of twice. Memory: one micro-batch's graph."""
+        engine, view = self.engine, self.view
+        if self.valid < 0:
+            for k, _ in self.batches:
+                self.inputs(k)
+            self.valid = 0
+        start = self.valid
+        norm = float(self.num_targets)
+        total = 0.0
+        with contextlib.ExitStack() as stack:
+            runs = []
+            for position, orig in enumerate(view.kept):
+                runs_backward = position > 0 or first_layer
+                layer_scope = (lambda m, p=position, o=orig: scope(p, o, m)) if (scope and runs_backward) else None
+                runs.append(stack.enter_context(engine.layer(orig, view, scope=layer_scope)))
+            stack.enter_context(engine.weights.use(OUTER))
+            for k, _ in tqdm(self.batches, desc=desc, disable=not engine.progress, leave=False):
+                inputs, targets = self.inputs(k), self.targets(k)
+                leaf = self.boundary(start, k).detach().requires_grad_(True)
+                with torch.enable_grad():
+                    x = leaf
+                    for position in range(start, self.n):
+                        orig = view.kept[position]
+                        y = runs[position](x, inputs)
+                        engine.work += 2 * engine.layer_params[orig] * x.shape[0] * x.shape[1]  # its backward
+                        self.store.put((position + 1, k), y)
+                        if position == 0 and not first_layer:  # no gradient through layer 0 is needed
+                            y = y.detach().requires_grad_(True)
+                        if reducer is not None:
+                            y.register_hook(lambda g, p=position, o=orig, h=x.detach(), out=y.detach():
+                                            reducer(p, o, k, h, out, g.detach()))
+                        x = y
+                    nll = engine.head_loss(x, targets)
+                    (nll / norm).backward()
+                engine.work += 2 * engine.head_params * int((targets != IGNORE).sum())
+                total += float(nll.detach())
+                g = leaf.grad
+                for position in range(start - 1, -1, -1):  # the unchanged layers: recompute, then backward
+                    orig = view.kept[position]
+                    h_in = self.boundary(position, k)
+                    if position == 0 and not first_layer:
+                        if reducer is not None:
+                            reducer(position, orig, k, h_in, self.boundary(1, k), g)
+                        break
+                    inner = h_in.detach().requires_grad_(True)
+                    with torch.enable_grad():
+                        out = runs[position](inner, inputs)
+                    if reducer is not None:
+                        reducer(position, orig, k, h_in, out.detach(), g)
+                    out.backward(g)
+                    engine.work += 2 * engine.layer_params[orig] * inner.shape[0] * inner.shape[1]
+                    g = inner.grad
+        self.valid = self.n
+        self._current, self._current_at = None, None
+        self._completed()
+        return self.engine.parallel.sum_floats(total)[0]
 
     def _recompute_segment(self, position: int) -> dict[int, dict[int, torch.Tensor]]:
         """Boundaries of the checkpoint segment holding ``position`` (from the stored boundary at its start)."""

@@ -12,6 +12,7 @@ norm and any family-specific step (OPT's ``project_out``, Gemma-2/3 final-logit 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import Adapter
@@ -42,12 +43,17 @@ def head_nll(model: nn.Module, adapter: Adapter, hidden: torch.Tensor, targets: 
     hidden]`` against ``targets`` ``[batch, seqlen]`` (:func:`next_token_targets`).
 
     Differentiable w.r.t. ``hidden`` (the engine's backward sweep starts here). Only the rows with a target go through
-    the final norm and the LM head.
+    the final norm and the LM head. A float64 model (numerical checks) gets the exact full-logits loss in float64.
     """
     rows = targets != IGNORE
     if not bool(rows.any()):
         return hidden.sum() * 0.0
     h = adapter.final_hidden(model, hidden[rows])
     head = model.get_output_embeddings()
-    return linear_cross_entropy(h, head.weight, targets[rows], bias=getattr(head, "bias", None),
-                                softcap=adapter.logit_softcap(model.config))
+    bias, softcap = getattr(head, "bias", None), adapter.logit_softcap(model.config)
+    if h.dtype == torch.float64:  # fp64 models (numerical checks): exact full logits, the fused kernels are fp32
+        logits = F.linear(h, head.weight.double(), None if bias is None else bias.double())
+        if softcap is not None:
+            logits = softcap * torch.tanh(logits / softcap)
+        return F.cross_entropy(logits, targets[rows], reduction="sum")
+    return linear_cross_entropy(h, head.weight, targets[rows], bias=bias, softcap=softcap)

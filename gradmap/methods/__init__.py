@@ -33,7 +33,7 @@ from .taylor_plus import select_taylor_plus
 
 def select_layers(traj: Trajectory, target: int, *, method: str = "gradmap", metric: str = "grad_update_norm",
                   protected=(), backend: str = "hooks", verify_top: int = 0, recorded: list[Step] | None = None,
-                  on_step=None) -> Selection:
+                  on_step=None, budget=None) -> Selection:
     """Select and remove ``target`` decoder layers from the engine's (dense) live view with ``method``.
 
     Args:
@@ -42,6 +42,8 @@ def select_layers(traj: Trajectory, target: int, *, method: str = "gradmap", met
         metric, backend, verify_top, recorded, on_step: GradMAP's options (:func:`.gradmap.select_gradmap`); the
             other methods ignore them (the API refuses them for baselines).
         protected: original indices never removed.
+        budget: :class:`gradmap.methods.budget.QualityBudget` (removal curve; with a limit, the stop rule). Every
+            method but BlockPruner stops at the first removal it refuses; BlockPruner only records the curve.
 
     Returns:
         :class:`Selection` with ``method`` and ``passes`` filled in.
@@ -52,18 +54,18 @@ def select_layers(traj: Trajectory, target: int, *, method: str = "gradmap", met
     check_method(method)
     if method == "gradmap":
         return select_gradmap(traj, target, metric=metric, backend=backend, protected=protected,
-                              verify_top=verify_top, recorded=recorded, on_step=on_step)
+                              verify_top=verify_top, recorded=recorded, on_step=on_step, budget=budget)
     if method == "shortgpt":
-        return select_shortgpt(traj, target, protected=protected)
+        return select_shortgpt(traj, target, protected=protected, budget=budget)
     if method == "gromov":
-        return select_gromov(traj, target, protected=protected)
+        return select_gromov(traj, target, protected=protected, budget=budget)
     if method == "taylor-plus":
-        return select_taylor_plus(traj, target, protected=protected, backend=backend)
+        return select_taylor_plus(traj, target, protected=protected, backend=backend, budget=budget)
     if method == "ppl":
-        return select_ppl(traj, target, protected=protected)
+        return select_ppl(traj, target, protected=protected, budget=budget)
     if method == "sleb":
-        return select_sleb(traj, target, protected=protected)
-    return select_blockpruner(traj, target, protected=protected)
+        return select_sleb(traj, target, protected=protected, budget=budget)
+    return select_blockpruner(traj, target, protected=protected, budget=budget)
 
 
 __all__ = ["METHODS", "Selection", "Step", "select_layers"]

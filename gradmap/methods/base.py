@@ -98,6 +98,20 @@ def one_shot_selection(method: str, scores: dict[int, float], target: int, prote
     return selection
 
 
+def apply_removals(engine, selection: Selection, budget=None) -> Selection:
+    """Remove a one-shot selection's layers from the engine's live view in removal order, asking ``budget`` (a
+    :class:`gradmap.methods.budget.QualityBudget`) before each; the selection is cut where the budget refuses."""
+    for k, victim in enumerate(list(selection.removed)):
+        if budget is not None and not budget.allows(engine.view.kept.index(victim)):
+            del selection.removed[k:]
+            del selection.steps[k:]
+            break
+        engine.remove(victim)
+        if budget is not None:
+            budget.removed(victim)
+    return selection
+
+
 class Timer:
     """``with Timer() as t: ...`` then ``t.seconds`` (wall time, seconds, ``time.perf_counter``)."""
 

@@ -86,7 +86,7 @@ def zeroed_output(layer: nn.Module, kind: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def select_blockpruner(traj: Trajectory, target: int, *, protected=()) -> Selection:
+def select_blockpruner(traj: Trajectory, target: int, *, protected=(), budget=None) -> Selection:
     """Run BlockPruner on the engine's (dense) live view until the parameters of ``target`` layers are removed.
 
     Each decision evaluates every remaining sub-block's removal with one resumed forward (all candidates in one
@@ -136,6 +136,8 @@ def select_blockpruner(traj: Trajectory, target: int, *, protected=()) -> Select
             if all((best[0], k) in removed for k in SUB_BLOCKS):
                 dropped.append(best[0])
                 engine.remove(best[0])
+                if budget is not None:  # the curve only: BlockPruner's budget is in parameters (no stop rule)
+                    budget.removed(best[0])
             else:
                 engine.set_patches(best[0], {_PATHS[best[1]][0]: RemovedSubBlock(best[1])})
         order.append(_label(*best))

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_norm", backend: str = "hooks",
                    protected=(), verify_top: int = 0, recorded: list[Step] | None = None,
-                   on_step: Callable[[Selection], None] | None = None) -> Selection:
+                   on_step: Callable[[Selection], None] | None = None, budget=None) -> Selection:
     """Remove ``target`` layers from the engine's live view, one per scoring pass, lowest score first.
 
     Args:
@@ -35,6 +35,8 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
         verify_top: shortlist size checked by calibration NLL (0 or 1: off; module docstring).
         recorded: decisions of an interrupted run to replay without scoring (:mod:`gradmap.resume`).
         on_step: called with the selection after every new decision (to record it).
+        budget: a :class:`gradmap.methods.budget.QualityBudget` asked before every removal (the selection stops at
+            the first removal it refuses) and told after it (the removal curve).
 
     Returns:
         The :class:`Selection` (``extra["verified"]`` holds each decision's shortlist NLLs, nats/token, with
@@ -50,6 +52,8 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
     selection = Selection(method="gradmap")
     for step in recorded or []:
         engine.remove(step.removed)
+        if budget is not None:
+            budget.removed(step.removed)
         selection.removed.append(step.removed)
         selection.steps.append(step)
     while len(selection.removed) < target:
@@ -70,7 +74,14 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
                 victim = min(nll, key=lambda o: (nll[o], by_orig[o]))
                 selection.extra.setdefault("verified", []).append({str(o): v for o, v in nll.items()})
             selection.passes += traj.passes(engine.work - work0)
-            engine.remove(victim)
+            refused = budget is not None and not budget.allows(kept.index(victim))
+            if not refused:
+                engine.remove(victim)
+        if refused:  # the quality budget stops the selection here; the decision's time is reported apart
+            selection.extra["stopped_by_budget"] = {"layer": victim, "seconds": t.seconds}
+            break
+        if budget is not None:
+            budget.removed(victim)
         selection.removed.append(victim)
         selection.steps.append(Step(len(selection.steps) + 1, by_orig, victim, t.seconds))
         logger.info("step %d: removed layer %d (score %.4g) in %.1f s", len(selection.steps), victim,

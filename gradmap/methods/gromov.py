@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..engine import Trajectory
-from .base import Selection, Step, Timer
+from .base import Selection, Step, Timer, apply_removals
 
 
 def angular_distances(traj: Trajectory, block_sizes: list[int]) -> tuple[dict[int, torch.Tensor], float]:
@@ -58,7 +58,7 @@ def angular_distances(traj: Trajectory, block_sizes: list[int]) -> tuple[dict[in
     return {n: acc / float(sequences) for n, acc in sums.items()}, t.seconds
 
 
-def select_gromov(traj: Trajectory, target: int, *, protected=()) -> Selection:
+def select_gromov(traj: Trajectory, target: int, *, protected=(), budget=None) -> Selection:
     """Remove the contiguous block of ``target`` layers with the smallest angular distance from the live view.
 
     Blocks containing a protected layer are not candidates. The step scores are keyed by the block's first ORIGINAL
@@ -85,6 +85,4 @@ def select_gromov(traj: Trajectory, target: int, *, protected=()) -> Selection:
     for k, victim in enumerate(victims):
         selection.removed.append(victim)
         selection.steps.append(Step(k + 1, dict(blocks), victim, seconds if k == 0 else 0.0))
-    for victim in victims:
-        engine.remove(victim)
-    return selection
+    return apply_removals(engine, selection, budget)

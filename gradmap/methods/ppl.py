@@ -18,7 +18,7 @@ import logging
 import math
 
 from ..engine import Candidate, Trajectory
-from .base import Selection, Step, Timer, one_shot_selection
+from .base import Selection, Step, Timer, apply_removals, one_shot_selection
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def leave_one_out_losses(traj: Trajectory, positions: list[int] | None = None) -
     return {p: total / max(count, 1) for p, (total, count) in zip(positions, losses)}
 
 
-def select_ppl(traj: Trajectory, target: int, *, protected=()) -> Selection:
+def select_ppl(traj: Trajectory, target: int, *, protected=(), budget=None) -> Selection:
     """Shortened LLaMA PPL: remove the ``target`` layers of lowest leave-one-out calibration PPL from the live view."""
     engine = traj.engine
     kept = list(engine.view.kept)
@@ -44,12 +44,10 @@ def select_ppl(traj: Trajectory, target: int, *, protected=()) -> Selection:
         losses = leave_one_out_losses(traj)
     scores = {kept[p]: math.exp(v) for p, v in losses.items()}
     selection = one_shot_selection("ppl", scores, target, protected, t.seconds, passes=traj.passes(engine.work - work0))
-    for victim in selection.removed:
-        engine.remove(victim)
-    return selection
+    return apply_removals(engine, selection, budget)
 
 
-def select_sleb(traj: Trajectory, target: int, *, protected=()) -> Selection:
+def select_sleb(traj: Trajectory, target: int, *, protected=(), budget=None) -> Selection:
     """SLEB: ``target`` greedy decisions, each removing from the live view the layer whose removal gives the lowest
     calibration NLL. Step scores are the leave-one-out NLLs (nats/token) of the unprotected layers.
 
@@ -70,7 +68,14 @@ def select_sleb(traj: Trajectory, target: int, *, protected=()) -> Selection:
             scores = {kept[p]: v for p, v in losses.items()}
             victim = min(scores, key=lambda k: (scores[k], k))
             selection.passes += traj.passes(engine.work - work0)
-            engine.remove(victim)
+            refused = budget is not None and not budget.allows(kept.index(victim))
+            if not refused:
+                engine.remove(victim)
+        if refused:  # the quality budget stops the selection here; the decision's time is reported apart
+            selection.extra["stopped_by_budget"] = {"layer": victim, "seconds": t.seconds}
+            break
+        if budget is not None:
+            budget.removed(victim)
         selection.removed.append(victim)
         selection.steps.append(Step(step + 1, scores, victim, t.seconds))
         logger.info("sleb step %d: removed layer %d (NLL %.4f) in %.1f s", step + 1, victim, scores[victim],

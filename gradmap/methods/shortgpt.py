@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..engine import Trajectory
-from .base import Selection, Timer, one_shot_selection
+from .base import Selection, Timer, apply_removals, one_shot_selection
 
 
 def block_influence(traj: Trajectory) -> tuple[torch.Tensor, float]:
@@ -37,7 +37,7 @@ def block_influence(traj: Trajectory) -> tuple[torch.Tensor, float]:
     return (1.0 - sums[:-1] / sums[-1]).float(), t.seconds
 
 
-def select_shortgpt(traj: Trajectory, target: int, *, protected=()) -> Selection:
+def select_shortgpt(traj: Trajectory, target: int, *, protected=(), budget=None) -> Selection:
     """Remove the ``target`` layers of lowest Block Influence from the engine's live view (one forward, one-shot)."""
     engine = traj.engine
     kept = list(engine.view.kept)
@@ -46,6 +46,4 @@ def select_shortgpt(traj: Trajectory, target: int, *, protected=()) -> Selection
     by_orig = {orig: float(s) for orig, s in zip(kept, scores.tolist())}
     selection = one_shot_selection("shortgpt", by_orig, target, protected, seconds,
                                    passes=traj.passes(engine.work - work0))
-    for victim in selection.removed:
-        engine.remove(victim)
-    return selection
+    return apply_removals(engine, selection, budget)

@@ -9,7 +9,7 @@ those layers carry outsized importance). Lowest ``I_l`` removed first.
 from __future__ import annotations
 
 from ..engine import Trajectory
-from .base import Selection, one_shot_selection
+from .base import Selection, apply_removals, one_shot_selection
 from .metrics import layer_scores
 
 KEEP_FIRST = 4
@@ -21,7 +21,8 @@ def taylor_plus_protected(num_layers: int) -> list[int]:
     return sorted(set(range(min(KEEP_FIRST, num_layers))) | set(range(max(num_layers - KEEP_LAST, 0), num_layers)))
 
 
-def select_taylor_plus(traj: Trajectory, target: int, *, protected=(), backend: str = "hooks") -> Selection:
+def select_taylor_plus(traj: Trajectory, target: int, *, protected=(), backend: str = "hooks",
+                       budget=None) -> Selection:
     """Remove the ``target`` lowest-Taylor layers outside the first 4 / last 2 (and ``protected``) from the live view.
 
     The engine's view must be the dense model (the first/last rule refers to its layer count).
@@ -43,6 +44,4 @@ def select_taylor_plus(traj: Trajectory, target: int, *, protected=(), backend: 
     selection = one_shot_selection("taylor-plus", by_orig, target, guard, stats.seconds,
                                    passes=traj.passes(engine.work - work0))
     selection.extra["protected"] = sorted(guard)
-    for victim in selection.removed:
-        engine.remove(victim)
-    return selection
+    return apply_removals(engine, selection, budget)
