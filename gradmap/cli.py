@@ -251,11 +251,18 @@ def _bf16_hardware() -> bool:
 
 def _setup(args) -> None:
     check_threads(args.threads)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    check_device(args.device)
-    dtype = default_dtype(args.device) if args.dtype == "auto" else parse_dtype(args.dtype)
-    args.dtype = str(dtype).replace("torch.", "")
+    if getattr(args, "device", None) is not None:
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if args.command == "plan":  # planning a GPU run needs no GPU here (--max-memory gives its size)
+            try:
+                torch.device(args.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"--device: {args.device!r} is not a torch device; accepted: cpu, cuda, cuda:N") from None
+        else:
+            check_device(args.device)
+        dtype = default_dtype(args.device) if args.dtype == "auto" else parse_dtype(args.dtype)
+        args.dtype = str(dtype).replace("torch.", "")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if args.quiet:  # -q also silences the progress bars of transformers / huggingface_hub (weight loading)
@@ -264,7 +271,8 @@ def _setup(args) -> None:
         huggingface_hub.utils.disable_progress_bars()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if torch.device(args.device).type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _bf16_hardware():
+    if getattr(args, "device", None) is not None and torch.device(args.device).type == "cpu" and \
+            parse_dtype(args.dtype) in (torch.bfloat16, torch.float16) and not _bf16_hardware():
         log.warning("--dtype %s on a CPU without bfloat16/float16 hardware is emulated: scoring was measured 37x "
                     "slower than float32 here; use --dtype float32 on this machine", args.dtype)
 
@@ -417,12 +425,20 @@ def _run_settings(args, parallel_world: int) -> RunSettings:
 
 
 def cmd_plan(args) -> int:
-    """``gradmap plan``: the memory plan of a prune with the same flags, nothing loaded."""
-    path, limits = _model_limits(args)
+    """``gradmap plan``: the memory plan of a prune with the same flags, nothing loaded (a directory with only a
+    ``config.json`` is enough)."""
+    path = resolve_model_path(args.model)
+    config = read_config(path)
+    limits = ModelLimits.from_config(config)
+    adapter_for_type(limits.model_type)
+    args.save_at = []
     _check_prune_flags(args, limits)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     check_positive(world, "--world-size")
     device = torch.device(args.device)
+    if device.type == "cuda" and args.max_memory is None and not torch.cuda.is_available():
+        raise ValueError("--max-memory: planning a CUDA run on a machine without one needs the GPU's size "
+                         "(e.g. --max-memory 80GiB)")
     skeleton_plan = _plan(args, path, device, world)
     if args.json:
         print(json.dumps(skeleton_plan.as_dict(), indent=2))
@@ -433,7 +449,8 @@ def cmd_plan(args) -> int:
 
 def _plan(args, path: Path, device: torch.device, world: int):
     skeleton = build_skeleton(read_config(path))
-    capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    capacity = (torch.cuda.get_device_properties(device).total_memory
+                if device.type == "cuda" and torch.cuda.is_available() else None)
     return plan_run(ModelShape.from_model(skeleton), _run_settings(args, world), device=device,
                     dtype=parse_dtype(args.dtype), max_memory=args.max_memory, device_capacity=capacity)
 
@@ -450,9 +467,13 @@ def format_plan(plan, world: int = 1) -> str:
              f"{plan.weights_total / GiB:.2f} GiB, {plan.resident_layers} layers resident, {plan.streamed_layers} "
              "streamed"]
     lines += [f"  {name:<40} {value / GiB:>10.3f} GiB" for name, value in rows]
+    lines.append(f"  {'  of which on ' + plan.device:<40} {plan.device_states / GiB:>10.3f} GiB")
+    lines.append(f"  {'  spilled to host memory':<40} {plan.host_states / GiB:>10.3f} GiB")
+    if plan.stride > 1:
+        lines.append(f"  {'  stored: every k-th boundary, k =':<40} {plan.stride:>10d}")
     lines.append(f"  {'estimated peak on ' + plan.device:<40} {plan.peak_device / GiB:>10.3f} GiB")
     if plan.device.startswith("cuda"):
-        lines.append(f"  {'host memory (units kept on the host)':<40} {plan.peak_host / GiB:>10.3f} GiB")
+        lines.append(f"  {'host memory (weights + spilled states)':<40} {plan.peak_host / GiB:>10.3f} GiB")
     lines.append(f"  {'weight bytes moved per decision':<40} {plan.moved_per_decision / GiB:>10.3f} GiB")
     if plan.budget:
         lines.append("  budget: " + ", ".join(f"{k} {v / GiB:.2f} GiB" for k, v in plan.budget.items()))

@@ -303,7 +303,20 @@ def plan_for(path: Path, settings: RunSettings, *, device: torch.device, dtype: 
     skeleton = build_skeleton(read_config(path))
     capacity = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     return plan_run(ModelShape.from_model(skeleton), settings, device=device, dtype=dtype, max_memory=max_memory,
-                    device_capacity=capacity), skeleton
+                    device_capacity=capacity, host_capacity=host_memory_available() if device.type == "cuda" else None
+                    ), skeleton
+
+
+def host_memory_available() -> int | None:
+    """Bytes of host memory this process may use for spilled hidden states: ``MemAvailable`` of ``/proc/meminfo``
+    divided among the processes of this node (``LOCAL_WORLD_SIZE`` under torchrun); ``None`` where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def open_model(model: str | os.PathLike, settings: RunSettings, *, device: str | torch.device = "cpu",

@@ -243,3 +243,33 @@ def test_streamed_units_equal_resident(family, tmp_path):
     assert all(p.device.type == "meta" for p in layers[3].parameters())  # released after use
     assert all(p.device.type == "cpu" for p in layers[2].parameters())  # resident
     assert weights.bytes_read > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host spill of hidden states only happens on a CUDA device")
+def test_states_over_the_device_budget_spill_to_pinned_host_memory():
+    from gradmap.engine.store import DeviceBudget, StateStore
+
+    budget = DeviceBudget(4 * 1024)
+    store = StateStore(torch.device("cuda"), budget)
+    a, b = torch.randn(1024, device="cuda"), torch.randn(1024, device="cuda")
+    store.put("a", a)
+    store.put("b", b)  # over the 4 KiB budget: goes to the host
+    assert store.device_bytes == 4096 and store.host_bytes == 4096 and budget.used == 4096
+    assert store._data["b"].device.type == "cpu" and store._data["b"].is_pinned()
+    torch.testing.assert_close(store.get("b"), b, rtol=0, atol=0)
+    assert store.get("b").device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_on_cuda_equals_the_models_own_forward():
+    model = tiny_model("llama").cuda()
+    cal = random_calibration(nsamples=4, seqlen=16, pad_last=3)
+    ids, mask = cal.input_ids.cuda(), cal.attention_mask.cuda()
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.double()
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    want = float(F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].masked_fill(~valid, -100).flatten(),
+                                 ignore_index=-100, reduction="sum"))
+    with Engine.for_module(model) as engine:
+        total, _ = engine.trajectory(Windows.from_calibration(cal, micro_batch=2)).loss()
+    assert total == pytest.approx(want, rel=1e-4)

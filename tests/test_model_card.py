@@ -76,8 +76,10 @@ def front_matter(text: str) -> dict:
 
 def test_full_card(tmp_path):
     (tmp_path / "gradmap_scores.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "gradmap_curve.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (tmp_path / "gradmap_report.json").write_text(json.dumps(make_report()))
-    path = write_model_card(tmp_path, make_report(), base_model=BASE, curve_png="gradmap_scores.png")
+    path = write_model_card(tmp_path, make_report(), base_model=BASE, curve_png="gradmap_curve.png",
+                            scores_png="gradmap_scores.png")
     assert path == tmp_path / "README.md"
     text = path.read_text(encoding="utf-8")
     # metadata: exactly the Hub fields we set (licence known for this base model)
@@ -107,6 +109,7 @@ def test_full_card(tmp_path):
     assert "AMD EPYC" in text and "torch threads: 1" in text
     assert "`gradmap_report.json` in this repository" in text
     assert "![layer scores at each removal step](gradmap_scores.png)" in text
+    assert "## Removal curve" in text and "![removal curve](gradmap_curve.png)" in text
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -115,7 +118,8 @@ def test_missing_sections_and_unknown_licence(tmp_path):
     assert front_matter(text) == {"base_model": "someone/some-model", "library_name": "transformers",
                                   "tags": ["pruned", "gradmap"], "pipeline_tag": "text-generation"}
     assert "[5] (1 layer)" in text
-    for absent in ("## Perplexity", "## Zero-shot", "## Measured speed", "## Layer scores", "license"):
+    for absent in ("## Perplexity", "## Zero-shot", "## Measured speed", "## Layer scores", "## Removal curve",
+                   "license"):
         assert absent not in text
     empty = render_model_card({}, base_model="someone/some-model", output_dir=tmp_path)
     assert "## What was removed" in empty and "## Usage" in empty

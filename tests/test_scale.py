@@ -112,7 +112,8 @@ def test_plan_sizes_by_hand():
     plan = plan_run(shape, settings, device=torch.device("cpu"), dtype=torch.float32)
     assert plan.mode == "resident" and plan.weights_total == (4 * 41088 + 128064) * 4
     state = 8 * 32 * 64 * 4  # tokens × hidden × fp32
-    assert plan.boundary_states == (4 + 2) * state + 5 * state  # stride-1 boundaries (+ final) and the dense copy
+    assert plan.boundary_states == 5 * state + 5 * state  # every boundary h_0..h_4, and the dense copy of them
+    assert plan.stride == 1 and plan.host_states == 0
     assert plan.gradients == 2 * state
     assert plan.gram == (2 * 5 + 2) * 64 * 64 * 8
     assert plan.lm_head == 16 * 1000 * 4 * 2 + 16 * 64 * 4
@@ -133,5 +134,9 @@ def test_max_memory_notation():
     assert parse_max_memory("1.5GB", torch.device("cuda", 0)) == {"device": 1_500_000_000}
     assert parse_max_memory({0: "70GiB", "cpu": "200GiB", 1: "1GiB"}, torch.device("cuda", 0)) == {
         "device": 70 * GiB, "cpu": 200 * GiB}
+    assert parse_max_memory("cuda=70GiB,cpu=400GiB", torch.device("cuda", 0)) == {"device": 70 * GiB,
+                                                                                  "cpu": 400 * GiB}
     with pytest.raises(ValueError, match="--max-memory"):
         parse_max_memory("lots", torch.device("cpu"))
+    with pytest.raises(ValueError, match="--max-memory"):
+        parse_max_memory("cuda=,cpu=1GiB", torch.device("cuda", 0))

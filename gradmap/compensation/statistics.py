@@ -73,7 +73,7 @@ def mean_shifts(traj: Trajectory, dense: Trajectory) -> tuple[list[float], list[
 
     def observe(position, orig, k, h_in, h_out):
         real = traj.mask(k).bool()
-        target = dense.boundary(aligned_dense_layer(kept, position, n_dense) + 1, k)[real].double()
+        target = dense.state(aligned_dense_layer(kept, position, n_dense) + 1, k)[real].double()
         dist = (h_out[real].double() - target).norm(dim=-1)
         sums[position] += float(dist.sum())
         sums[len(kept) + position] += float((dist / target.norm(dim=-1).clamp_min(1e-12)).sum())
@@ -143,14 +143,14 @@ def gram_statistics(traj: Trajectory, dense: Trajectory, position: int, *, skip_
 
     with engine.layer(orig, traj.view, scope=scope) as run, torch.no_grad():
         for k, _ in traj.batches:
-            h_in = traj.boundary(position, k)
+            h_in = traj.state(position, k)
             x = run(h_in, traj.inputs(k))
             used = traj.mask(k).clone()
             used[:, :skip_first] = 0
             real = used.bool().flatten()
             m = got["down"].reshape(-1, d)[real]  # OPT's fc2 sees [batch * seqlen, ffn] already flattened
             x = x.flatten(0, 1)[real]
-            y = dense.boundary(aligned + 1, k).flatten(0, 1)[real]
+            y = dense.state(aligned + 1, k).flatten(0, 1)[real]
             if "norm" not in got:
                 target = y.double() - x.double() + m.double()
             else:  # sandwich norm: pre-norm target Z = rms(M) · (Y − X + N(M)) ⊘ g

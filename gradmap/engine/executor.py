@@ -54,7 +54,7 @@ from ..adapters import Adapter, get_adapter
 from .context import LayerInputs, capture_layer_inputs
 from .distributed import DataParallel
 from .loss import IGNORE, head_nll, next_token_targets
-from .store import StateStore
+from .store import DeviceBudget, StateStore
 from .weights import OUTER, ModelWeights
 
 
@@ -215,7 +215,8 @@ class Engine:
         self.device, self.dtype = weights.device, weights.dtype
         self.n_layers = weights.n_layers
         self.parallel = parallel or DataParallel()
-        self.state_budget, self.stride, self.keep_graph = state_budget, stride, keep_graph
+        self.state_budget = DeviceBudget(state_budget)
+        self.stride, self.keep_graph = stride, keep_graph
         self.progress = progress and self.parallel.is_main
         self.view = View(list(range(self.n_layers)))
         self.work = 0.0
@@ -353,7 +354,7 @@ class Trajectory:
         par = engine.parallel
         self.batches = [(k, sl) for k, sl in windows.batches() if par.owns(k)]
         self.num_targets = windows.num_targets  # all ranks
-        self.store = StateStore(engine.device, engine.state_budget)
+        self.store = StateStore(engine.device, engine.state_budget)  # the engine's shared DeviceBudget
         self._inputs: dict[int, LayerInputs] = {}
         self.valid = -1  # the last stored boundary that holds the view's states (-1: nothing computed yet)
         self._current: dict | None = None  # the states at position _current_at of the last forward (stored or not)
@@ -406,6 +407,25 @@ class Trajectory:
             return self.inputs(k).embeddings
         return self.store.get((position, k))
 
+    def state(self, position: int, k: int) -> torch.Tensor:
+        """Hidden state entering ``position`` (``h_n`` for ``position == n``) of micro-batch ``k``, valid for the view:
+        the stored boundary, or recomputed from the stored one at the start of its segment (checkpointed
+        trajectories; one segment of all micro-batches is cached at a time)."""
+        if self.valid < position:
+            self.forward(upto=position)
+        if position == 0 or (position, k) in self.store:
+            return self.boundary(position, k)
+        start = self._resume_point(position)
+        cache = getattr(self, "_segment", None)
+        if cache is None or cache[0] != start or position not in cache[1]:
+            states = {start: {j: self.boundary(start, j) for j, _ in self.batches}}
+            end = min(start + self.engine.stride, self.n)
+            for p in range(start, end):
+                with self.engine.layer(self.view.kept[p], self.view) as run, torch.no_grad():
+                    states[p + 1] = {j: run(states[p][j], self.inputs(j)) for j, _ in self.batches}
+            self._segment = cache = (start, states)
+        return cache[1][position][k]
+
     def invalidate_from(self, position: int) -> None:
         """The view changed at ``position``: boundaries after it are stale (``h_0..h_position`` stay)."""
         for key in self.store.keys():
@@ -414,6 +434,7 @@ class Trajectory:
         if self.valid >= 0:
             self.valid = self._resume_point(position)
         self._current, self._current_at = None, None
+        self._segment = None
 
     def removed_at(self, position: int) -> None:
         """The layer at ``position`` was removed from the (live) view: boundaries up to it stay, later ones go."""

@@ -11,7 +11,9 @@ estimates, per device (the compute device, and the host):
   with grad plus its backward in the reverse sweep (saved tensors ≈ ``(16·hidden + 6·ffn)·itemsize`` per token for a
   gated MLP, ``(16·hidden + 4·ffn)`` otherwise, plus ``heads·seqlen²·4`` bytes per window when attention is eager);
 * **boundary states**: ``(L + 1)`` hidden states of every calibration token of this rank (``tokens·hidden·itemsize``
-  each), twice when stage 2 keeps the dense trajectory, and one more set of gradients during the backward;
+  each), twice when stage 2 keeps the dense trajectory; on the device while they fit, the rest in pinned host memory,
+  and when the host cannot hold them either, only every ``stride``-th boundary (checkpointing);
+* **hidden-state gradients**: two sets of ``tokens·hidden·itemsize`` during the backward;
 * **LM head**: one chunk of fp32 logits and their gradient (``chunk·vocab·4·2``) plus the rows' gradient;
 * **Gram matrices** (stage 2): ``2·(folds + 1)`` fp64 ``hidden × hidden`` matrices and one eigendecomposition;
 * **score buffers**: one fp32 per layer (negligible, listed for completeness).
@@ -44,7 +46,8 @@ def parse_max_memory(value, device: torch.device) -> dict[str, int]:
     """``max_memory`` → ``{"device": bytes | absent, "cpu": bytes | absent}`` for a run on ``device``.
 
     A single size applies to the compute device (the host when computing on CPU). A dict uses accelerate's keys:
-    a GPU index (or ``"cuda:N"``) and ``"cpu"``; keys for other GPUs are ignored (each rank computes on one).
+    a GPU index (or ``"cuda:N"``) and ``"cpu"``; keys for other GPUs are ignored (each rank computes on one). On the
+    command line the dict is written ``cuda=70GiB,cpu=400GiB`` (``cuda`` = this rank's GPU).
 
     Raises:
         ValueError: an unreadable size (named ``--max-memory``) or a non-positive one.
@@ -61,6 +64,11 @@ def parse_max_memory(value, device: torch.device) -> dict[str, int]:
     device = torch.device(device)
     if value is None:
         return {}
+    if isinstance(value, str) and "=" in value:  # the command line's dict: "cuda=70GiB,cpu=400GiB" or "0=70GiB,..."
+        pairs = [item.partition("=") for item in value.split(",")]
+        if any(not k.strip() or not v.strip() for k, _, v in pairs):
+            raise ValueError(f"--max-memory: {value!r}: expected SIZE or DEVICE=SIZE pairs like cuda=70GiB,cpu=400GiB")
+        value = {("0" if k.strip() == "cuda" else k.strip()): v.strip() for k, _, v in pairs}
     if not isinstance(value, dict):
         return {"device" if device.type != "cpu" else "cpu": size(value)}
     out = {}
@@ -156,6 +164,10 @@ class MemoryPlan:
     budget: dict = field(default_factory=dict)
     fits: bool = True
     advice: str = ""
+    stride: int = 1
+    device_states: int = 0
+    host_states: int = 0
+    state_budget: int | None = None
 
     def as_dict(self) -> dict:
         """JSON-ready (placement keys as strings)."""
@@ -173,8 +185,15 @@ def _activation_bytes(shape: ModelShape, settings: RunSettings, itemsize: int) -
 
 
 def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, dtype: torch.dtype,
-             max_memory=None, device_capacity: int | None = None) -> MemoryPlan:
-    """Estimate a run's memory per device and decide resident vs streamed (module docstring).
+             max_memory=None, device_capacity: int | None = None, host_capacity: int | None = None) -> MemoryPlan:
+    """Estimate a run's memory per device and decide resident vs streamed, where the hidden states live and how
+    densely boundaries are stored (module docstring).
+
+    Order of decisions: (1) the working set that must be on the compute device (one micro-batch's activations, the
+    logits chunk, the Gram matrices, the hidden-state gradients, two streamed layers); (2) the weights: resident units
+    first (embeddings/head, then layers in order) up to what the budget leaves; (3) the boundary hidden states: on the
+    device up to what is left, the rest spilled to host memory; (4) when even the host cannot hold them (``"cpu"``
+    budget, or ``host_capacity``), only every ``stride``-th boundary is stored, the smallest stride that fits.
 
     Args:
         shape: :meth:`ModelShape.from_model` of the model.
@@ -183,9 +202,11 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
         max_memory: accelerate-notation budget (:func:`parse_max_memory`); ``None``: the device's capacity
             (``device_capacity`` for CUDA; unlimited host memory on CPU).
         device_capacity: bytes of the CUDA device (total memory), when known.
+        host_capacity: bytes of host memory available for spilled states (default: unlimited, or the ``"cpu"``
+            budget).
 
     Returns:
-        :class:`MemoryPlan`: ``fits`` is False (with ``advice``) when not even streaming fits the budget.
+        :class:`MemoryPlan`: ``fits`` is False (with ``advice``) when not even streaming and checkpointing fit.
     """
     device = torch.device(device)
     item = dtype.itemsize
@@ -198,27 +219,29 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
     largest = max(layer_bytes, default=0)
     tokens = math.ceil(settings.nsamples / settings.world_size) * settings.seqlen
     state = tokens * shape.hidden * item
-    boundaries = math.ceil((shape.num_layers + 1) / settings.stride + 1) * state
-    if settings.compensate:
-        boundaries += (shape.num_layers + 1) * state  # the dense trajectory kept for stage 2
-    boundaries += max(settings.candidates - 1, 0) * state
+    n = shape.num_layers
     gradients = 2 * state
     fwd, bwd = _activation_bytes(shape, settings, item)
     head = settings.logits_chunk * shape.vocab * 4 * 2 + settings.logits_chunk * shape.hidden * 4
     gram = (2 * (settings.folds + 1) + 2) * shape.hidden ** 2 * 8 if settings.compensate else 0
-    scores = shape.num_layers * 4
-    working = boundaries + gradients + max(fwd, bwd) + head + gram + scores
+    scores = n * 4
+    fixed = gradients + max(fwd, bwd) + head + gram + scores
 
-    # Placement: fill the weight budget with the outer unit first, then layers in order; the rest streams.
+    def boundary_bytes(stride: int) -> int:
+        live = (math.ceil(n / stride) + 1) * state  # positions 0, stride, 2·stride, ... and the final one
+        dense = live if settings.compensate else 0  # the dense trajectory kept for stage 2
+        segment = (stride - 1) * state if stride > 1 else 0  # a recomputed segment in flight
+        return live + dense + segment + max(settings.candidates - 1, 0) * state
+
+    # (2) weights: fill what the budget leaves after the fixed working set (on CPU the budget is for weights only)
     if device.type == "cuda":
-        weight_budget = budget["device"] - working - STREAM_SLOTS * largest if "device" in budget else None
-        host_budget = budget.get("cpu")
+        weight_budget = budget["device"] - fixed - STREAM_SLOTS * largest if "device" in budget else None
+        host_units_budget = budget.get("cpu")
     else:
         weight_budget = budget["cpu"] - STREAM_SLOTS * largest if "cpu" in budget else None
-        host_budget = None
+        host_units_budget = None
     placement: dict = {}
-    used = 0
-    host_used = 0
+    used = host_used = 0
     units = [("outer", outer_bytes)] + list(enumerate(layer_bytes))
     if weight_budget is None or total <= (weight_budget + STREAM_SLOTS * largest):
         placement = {u: "device" for u, _ in units}
@@ -228,41 +251,56 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
             if used + b <= weight_budget:
                 placement[u] = "device"
                 used += b
-            elif device.type == "cuda" and host_budget is not None and host_used + b <= host_budget:
+            elif device.type == "cuda" and host_units_budget is not None and host_used + b <= host_units_budget:
                 placement[u] = "host"
                 host_used += b
             else:
                 placement[u] = "stream"
     streamed = [u for u, p in placement.items() if p != "device"]
-    mode = "resident" if not streamed else "streamed"
     slots = min(STREAM_SLOTS, len([u for u in streamed if u != "outer"])) * largest
     if "outer" in streamed:
         slots += outer_bytes
-    sweeps = 2 + (1 if settings.stride > 1 else 0)  # forward + backward (+ segment recompute)
-    moved = sum(b for u, b in units if placement[u] != "device") * sweeps
+    # (3) states: on the device up to what is left, then the host; (4) a stride when the host cannot hold them
     if device.type == "cuda":
-        peak_device = used + slots + working
-        peak_host = host_used
+        state_room = max(budget["device"] - used - slots - fixed, 0) if "device" in budget else None
+        host_room = (budget["cpu"] - host_used) if "cpu" in budget else host_capacity
     else:
-        peak_device = used + slots + working
-        peak_host = peak_device
-    fits = True
-    advice = ""
-    if device.type == "cuda" and "device" in budget and working + outer_bytes + STREAM_SLOTS * largest > budget["device"]:
+        state_room, host_room = None, host_capacity  # on CPU the device is the host
+    stride = 1
+    while True:
+        need = boundary_bytes(stride)
+        device_states = need if state_room is None else min(need, state_room)
+        host_states = need - device_states
+        if host_room is None or host_states <= host_room or stride >= n:
+            break
+        stride += 1
+    mode = "resident" if not streamed else "streamed"
+    sweeps = 2 + (1 if stride > 1 else 0)  # forward + backward (+ segment recompute)
+    moved = sum(b for u, b in units if placement[u] != "device") * sweeps
+    peak_device = used + slots + fixed + device_states
+    peak_host = host_used + host_states if device.type == "cuda" else peak_device
+    fits, advice = True, ""
+    if device.type == "cuda" and "device" in budget and fixed + outer_bytes + STREAM_SLOTS * largest > budget["device"]:
         fits = False
-        advice = (f"the working set ({working / GiB:.1f} GiB: boundary states {boundaries / GiB:.1f} GiB, activations "
-                  f"{max(fwd, bwd) / GiB:.1f} GiB, Gram {gram / GiB:.1f} GiB) plus two layers does not fit "
-                  f"{budget['device'] / GiB:.1f} GiB on {device}: lower --nsamples/--seqlen/--micro-batch, run on more "
-                  "GPUs (torchrun), or raise --max-memory")
+        advice = (f"the working set ({fixed / GiB:.1f} GiB: activations {max(fwd, bwd) / GiB:.1f} GiB, logits chunk "
+                  f"{head / GiB:.1f} GiB, Gram {gram / GiB:.1f} GiB, gradients {gradients / GiB:.1f} GiB) plus the "
+                  f"embeddings/head and two layers does not fit {budget['device'] / GiB:.1f} GiB on {device}: lower "
+                  "--micro-batch/--seqlen, run on more GPUs (torchrun), or raise --max-memory")
     elif device.type == "cpu" and "cpu" in budget and outer_bytes + STREAM_SLOTS * largest > budget["cpu"]:
         fits = False
         advice = (f"--max-memory {budget['cpu'] / GiB:.2f} GiB is below the embeddings/LM head plus two decoder layers "
                   f"({(outer_bytes + STREAM_SLOTS * largest) / GiB:.2f} GiB), the least a streamed run holds; raise it")
+    elif host_room is not None and host_states > host_room:
+        fits = False
+        advice = (f"the boundary hidden states need {host_states / GiB:.1f} GiB of host memory even storing every "
+                  f"{stride}-th; {host_room / GiB:.1f} GiB is available: lower --nsamples/--seqlen or add processes")
     return MemoryPlan(device=str(device), dtype=str(dtype).replace("torch.", ""), mode=mode, weights_total=total,
                       resident_weights=used, streamed_slots=slots, largest_layer=largest, activations_forward=fwd,
-                      activations_backward=bwd, boundary_states=boundaries, gradients=gradients, lm_head=head,
+                      activations_backward=bwd, boundary_states=need, gradients=gradients, lm_head=head,
                       gram=gram, scores=scores, peak_device=peak_device, peak_host=peak_host,
                       moved_per_decision=moved, resident_layers=sum(1 for u in placement if u != "outer" and
                                                                     placement[u] == "device"),
                       streamed_layers=sum(1 for u in streamed if u != "outer"), placement=placement,
-                      budget={k: v for k, v in budget.items()}, fits=fits, advice=advice)
+                      budget={k: v for k, v in budget.items()}, fits=fits, advice=advice, stride=stride,
+                      device_states=device_states, host_states=host_states,
+                      state_budget=state_room if device.type == "cuda" else None)

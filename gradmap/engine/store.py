@@ -10,21 +10,32 @@ from __future__ import annotations
 import torch
 
 
+class DeviceBudget:
+    """Bytes of hidden states that all the stores of one engine may keep on the compute device together."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.used = limit, 0
+
+    def fits(self, size: int) -> bool:
+        """Whether ``size`` more bytes stay within the limit."""
+        return self.limit is None or self.used + size <= self.limit
+
+
 class StateStore:
     """A dictionary of hidden-state tensors with a device byte budget and host spill.
 
     Args:
         device: the compute device.
-        device_budget: bytes of states that may live on ``device`` (``None``: unlimited). On a CPU device every
-            state is "on the device" and the budget only counts.
+        budget: the engine's shared :class:`DeviceBudget` (``None``: unlimited). On a CPU device every state is "on
+            the device" and nothing spills.
 
     Attributes:
         device_bytes, host_bytes: bytes held now on each side; ``peak_device_bytes``, ``peak_host_bytes``: maxima.
     """
 
-    def __init__(self, device: torch.device, device_budget: int | None = None):
+    def __init__(self, device: torch.device, budget: DeviceBudget | None = None):
         self.device = torch.device(device)
-        self.device_budget = device_budget
+        self.budget = budget
         self._data: dict = {}
         self.device_bytes = 0
         self.host_bytes = 0
@@ -40,8 +51,7 @@ class StateStore:
         self.pop(key)
         t = tensor.detach()
         size = self._nbytes(t)
-        spill = (self.device.type != "cpu" and self.device_budget is not None
-                 and self.device_bytes + size > self.device_budget)
+        spill = self.device.type != "cpu" and self.budget is not None and not self.budget.fits(size)
         if spill:
             host = torch.empty(t.shape, dtype=t.dtype, pin_memory=torch.cuda.is_available())
             host.copy_(t, non_blocking=False)
@@ -50,8 +60,13 @@ class StateStore:
             self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
         else:
             self._data[key] = t
-            self.device_bytes += size
-            self.peak_device_bytes = max(self.peak_device_bytes, self.device_bytes)
+            self._device_add(size)
+
+    def _device_add(self, size: int) -> None:
+        self.device_bytes += size
+        self.peak_device_bytes = max(self.peak_device_bytes, self.device_bytes)
+        if self.budget is not None:
+            self.budget.used += size
 
     def get(self, key) -> torch.Tensor:
         """The tensor under ``key`` on the compute device (a copy when it was spilled to the host).
@@ -71,7 +86,7 @@ class StateStore:
         if t is None:
             return
         if t.device == self.device:
-            self.device_bytes -= self._nbytes(t)
+            self._device_add(-self._nbytes(t))
         else:
             self.host_bytes -= self._nbytes(t)
 
@@ -82,10 +97,9 @@ class StateStore:
             self._data[key] = t
             size = self._nbytes(t)
             if t.device == self.device:
-                self.device_bytes += size
+                self._device_add(size)
             else:
                 self.host_bytes += size
-        self.peak_device_bytes = max(self.peak_device_bytes, self.device_bytes)
         self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
 
     def keys(self) -> list:
