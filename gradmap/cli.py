@@ -1,10 +1,11 @@
-"""Command line: ``gradmap prune | score | eval``.
+"""Command line: ``gradmap prune | score | eval | env``.
 
     gradmap prune --ratio 0.25 --output pruned-smollm2            # default model (SmolLM2-135M), Wikipedia text
     gradmap prune --ratio 0.25 --method sleb --compensate none --output sleb-smollm2   # a baseline
     gradmap score --model ./my-llama --metric taylor               # one scoring pass, every layer's score
     gradmap eval --model pruned-smollm2 --text wiki.test.raw       # perplexity of any model directory
     gradmap eval --model pruned-smollm2 --tasks all --limit 100    # plus zero-shot accuracy (lm-eval, local data)
+    gradmap env                                                    # versions, GPUs, kernels per device
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def _zeroshot_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``gradmap`` argument parser (subcommands prune, score, eval)."""
+    """The ``gradmap`` argument parser (subcommands prune, score, eval, env)."""
     from .methods import COMPENSATIONS, METHODS
     from .scoring import METRICS
     from .api import DEFAULT_COMPENSATION, DEFAULT_METHOD, DEFAULT_METRIC
@@ -124,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default seqlen)")
     _zeroshot_args(e)
     e.add_argument("--json", action="store_true", help="print JSON")
+
+    v = sub.add_parser("env", help="versions, GPUs and the kernels each device uses (paste it into bug reports)")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    v.set_defaults(threads=None, device="cpu", quiet=False)  # read by _setup
     return parser
 
 
@@ -390,6 +395,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    from .env import environment_report, format_report
+
+    report = environment_report()
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``gradmap`` command; returns the exit status.
 
@@ -401,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _setup(args)
         _check_counts(args)
-        return {"prune": cmd_prune, "score": cmd_score, "eval": cmd_eval}[args.command](args)
+        return {"prune": cmd_prune, "score": cmd_score, "eval": cmd_eval, "env": cmd_env}[args.command](args)
     except (ValueError, OSError, ImportError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"gradmap: error: {message}", file=sys.stderr)
