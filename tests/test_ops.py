@@ -322,7 +322,7 @@ def test_opcheck_gram(native, xdtype, gdtype):
 
 
 @NEEDS_CUDA
-def test_same_result_on_every_device():
+def test_cuda_and_host_kernels_agree():
     """The CUDA kernels agree with the CPU kernels on the same inputs to the accumulation rule's rounding (fp64 G:
     order of fp64 sums; bf16 weight: at most one bf16 rounding step apart)."""
     g = torch.Generator().manual_seed(12)
