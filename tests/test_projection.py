@@ -74,7 +74,7 @@ def test_identity_prior_hand_computed(device):
                                rtol=1e-12, atol=1e-14)
 
 
-def test_identity_prior_equals_augmented_least_squares():
+def test_identity_prior_equals_augmented_least_squares(device):
     """min ||M T - R||^2 + alpha ||T - I||^2 = least squares on [M; sqrt(alpha) I] T = [R; sqrt(alpha) I]."""
     g = torch.Generator().manual_seed(3)
     d, n, lam = 6, 4, 0.05  # fewer tokens than dimensions: G is singular, the prior fills the gap
@@ -84,7 +84,9 @@ def test_identity_prior_equals_augmented_least_squares():
     alpha = lam * torch.diagonal(G).mean()
     eye = torch.eye(d, dtype=torch.float64)
     want = torch.linalg.lstsq(torch.cat([M, alpha.sqrt() * eye]), torch.cat([R, alpha.sqrt() * eye])).solution
-    torch.testing.assert_close(solve_ridge(G, C, lam, prior="identity"), want, rtol=1e-9, atol=1e-10)
+    got = solve_ridge(G.to(device), C.to(device), lam, prior="identity")
+    assert got.device.type == device
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-10)
 
 
 def test_identity_prior_limits():
