@@ -1,7 +1,8 @@
 """Loader of the native stage-2 ops ``torch.ops.gradmap.fold_projection_`` and ``gram_accumulate_``.
 
 The ops live in one library compiled from ``gradmap/csrc/`` (schemas, Meta, CPU and CUDA kernels; plain C++ that
-calls ATen, no CUDA toolkit needed). It is loaded on first use (:func:`backend`), from the first of:
+calls ATen, no CUDA toolkit needed). A usable prebuilt library is loaded when this module is imported; otherwise
+the first use (:func:`backend`, which :mod:`gradmap.projection` calls) tries the next source. The sources, in order:
 
 1. ``gradmap/_C*.so``, built by ``setup.py`` when torch was importable at build time (``pip install
    --no-build-isolation .`` or ``python3 setup.py build_ext --inplace``), unless ``gradmap/_C.build.json`` says it was
@@ -50,7 +51,7 @@ OPS = ("fold_projection_", "gram_accumulate_")
 _DEVICE_KEYS = {"cpu": ("CPU", "cpp"), "cuda": ("CUDA", "cuda")}  # device type → (dispatch key, backend name)
 
 _lock = threading.Lock()
-_state: dict = {"tried": False, "path": None, "source": None, "error": None, "rejected": []}
+_state: dict = {"tried": False, "prebuilt_tried": False, "path": None, "source": None, "error": None, "rejected": []}
 
 
 def sources() -> list[str]:
@@ -152,7 +153,7 @@ def _ensure_loaded() -> bool:
     with _lock:
         if _state["tried"]:
             return _state["path"] is not None
-        reasons = []
+        reasons = list(_state["rejected"])  # the prebuilt library's, when the import-time attempt passed it over
         try:
             mode = ext_mode()
         except ValueError as exc:
@@ -161,7 +162,7 @@ def _ensure_loaded() -> bool:
             _state.update(tried=True, error="disabled by GRADMAP_EXT=off / GRADMAP_DISABLE_EXT=1")
             return False
         for source, loader in (("prebuilt", _load_prebuilt), ("jit", _load_jit)):
-            if mode not in ("auto", source):
+            if mode not in ("auto", source) or (source == "prebuilt" and _state["prebuilt_tried"]):
                 continue
             try:
                 _state.update(path=loader(), source=source)
@@ -175,6 +176,23 @@ def _ensure_loaded() -> bool:
             warnings.warn(f"gradmap: native ops unavailable ({_state['error']}); using the PyTorch reference path. "
                           "See README, 'Native ops'.", RuntimeWarning, stacklevel=3)
     return _state["path"] is not None
+
+
+def _load_prebuilt_at_import() -> None:
+    """At import, load a usable prebuilt library right away (cheap), so that ``torch.ops.gradmap.*`` exist as soon as
+    this module is imported; anything else (a just-in-time build, the warning) waits for the first use."""
+    try:
+        mode = ext_mode()
+    except ValueError:
+        return  # reported on first use
+    if mode not in ("auto", "prebuilt"):
+        return
+    with _lock:
+        _state["prebuilt_tried"] = True
+        try:
+            _state.update(path=_load_prebuilt(), source="prebuilt", tried=True)
+        except RuntimeError as exc:
+            _state["rejected"] = [str(exc)]
 
 
 def backend(device: str | torch.device = "cpu") -> str:
@@ -218,3 +236,6 @@ def library_info() -> dict:
         mode = str(exc)
     return {"path": _state["path"], "source": _state["source"], "error": _state["error"],
             "rejected": list(_state["rejected"]), "mode": mode}
+
+
+_load_prebuilt_at_import()
