@@ -11,7 +11,8 @@ with, so:
   and pyproject.toml deliberately does not list torch there, which would pull a second, multi-GB torch): gradmap is
   installed without the library and compiles it on first use (gradmap/ops.py, ``torch.utils.cpp_extension.load``).
 
-``GRADMAP_BUILD_EXT``: ``auto`` (default) as above; ``1`` makes a missing torch an error; ``0`` builds nothing.
+``GRADMAP_BUILD_EXT``: ``auto`` (default) as above, and a failed compile (no C++ compiler) only warns; ``1`` makes a
+missing torch or a failed compile an error; ``0`` builds nothing.
 ``MAX_JOBS`` limits ninja's parallel compile jobs.
 """
 
@@ -20,6 +21,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 from setuptools import setup
 
@@ -55,18 +57,31 @@ def _extensions():
 
     sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "gradmap", "csrc", "**", "*.cpp"),
                                                                  recursive=True))
-    ext = cpp_extension.CppExtension("gradmap._C", sources=sources, extra_compile_args={"cxx": ["-O3", "-std=c++20"]})
+    # auto: a failed compile (e.g. no C++ compiler) is a warning, and gradmap installs without the library
+    ext = cpp_extension.CppExtension("gradmap._C", sources=sources, extra_compile_args={"cxx": ["-O3", "-std=c++20"]},
+                                     optional=mode == "auto")
 
     class BuildExtWithInfo(cpp_extension.BuildExtension):
-        """BuildExtension that writes gradmap/_C.build.json (torch/CUDA/Python versions) next to the library."""
+        """BuildExtension that writes gradmap/_C.build.json (torch/CUDA/Python versions) next to a library it has
+        just linked (an up-to-date library keeps its record; a failed optional build writes none)."""
 
         def run(self):
-            super().run()
+            started = time.time()
+            try:
+                super().run()
+            except Exception as exc:  # noqa: BLE001 (compiler missing or failing: ninja, ABI check, linker)
+                if not all(getattr(e, "optional", False) for e in self.extensions):
+                    raise
+                print(f"gradmap: compiling the native ops failed ({' '.join(str(exc).split())[:300]}); installing "
+                      "without them: gradmap compiles them on first use, or runs on its PyTorch references",
+                      file=sys.stderr)
+                return
             for e in self.extensions:
-                info = os.path.join(os.path.dirname(self.get_ext_fullpath(e.name)), BUILD_INFO)
-                with open(info, "w") as f:
-                    json.dump({"torch": torch.__version__, "cuda": torch.version.cuda,
-                               "python": platform.python_version()}, f)
+                lib = self.get_ext_fullpath(e.name)
+                if os.path.exists(lib) and os.path.getmtime(lib) >= started - 1:
+                    with open(os.path.join(os.path.dirname(lib), BUILD_INFO), "w") as f:
+                        json.dump({"torch": torch.__version__, "cuda": torch.version.cuda,
+                                   "python": platform.python_version()}, f)
 
     print(f"gradmap: building the native ops against torch {torch.__version__} (CUDA {torch.version.cuda})",
           file=sys.stderr)
