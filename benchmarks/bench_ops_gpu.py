@@ -93,10 +93,11 @@ def main() -> int:
         w_op, w_ref = W.clone(), W.clone()
         fold(w_op, T)
         fold_projection_reference(w_ref, T)  # fp64
-        # bf16 results: at most one bf16 rounding step apart (2^-8 relative) where the fp64/fp32 sums straddle a tie
+        # bf16 results: at most one bf16 rounding step apart where the fp64/fp32 sums straddle a rounding boundary
+        # (2^-7 relative just above a power of two; measured 7.8e-3 with fp32 T): tolerance 2^-6, twice that
         err = float(((w_op.float() - w_ref.float()).abs() / (w_ref.float().abs() + 1e-2)).max())
         record(f"fold 4096x11008 bf16, T {str(tdtype)[6:]}", lambda: fold(W.clone(), T),
-               lambda: fold_projection_reference(W.clone(), T), err, 2.0**-7)
+               lambda: fold_projection_reference(W.clone(), T), err, 2.0**-6)
 
     micro = min(args.micro_tokens, args.tokens)
     X = torch.randn(micro, d, device=dev).to(torch.bfloat16)
@@ -134,7 +135,7 @@ def main() -> int:
 
     w_native, w_ref = stage2(True).float(), stage2(False).float()
     err = float(((w_native - w_ref).abs() / (w_ref.abs() + 1e-2)).max())
-    record(f"stage 2, one layer, {steps * micro} tokens", lambda: stage2(True), lambda: stage2(False), err, 2.0**-7,
+    record(f"stage 2, one layer, {steps * micro} tokens", lambda: stage2(True), lambda: stage2(False), err, 2.0**-6,
            repeats=1)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
               "rows": rows, "failures": failures}
