@@ -47,6 +47,8 @@ def cases(gram_tokens_4096: int) -> list[tuple[str, str, tuple[int, int]]]:
 
 def make_call(op: str, shape: tuple[int, int], impl: str):
     """Build the inputs of one case (seed 0) and return (call, result): call() runs the op once from fresh inputs."""
+    if impl == "op" and ops.backend("cpu") != "cpp":  # also loads (or compiles) the library in a fresh process
+        raise SystemExit(f"native ops not loaded ({ops.unavailable_reason()}): build them first (README)")
     torch.manual_seed(0)
     if op == "fold_projection_":
         d, ffn = shape

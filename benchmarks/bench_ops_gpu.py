@@ -1,12 +1,18 @@
-"""GPU benchmark: the CUDA stage-2 ops vs torch on CUDA, and end-to-end stage-2 time on one 7B-shaped layer.
+"""GPU benchmark: the CUDA stage-2 ops (cuBLAS GEMMs over streamed panels) vs the torch references on CUDA, and
+end-to-end stage-2 time on one 7B-shaped layer.
 
-NOT RUN in the session that wrote it (no GPU was lent); it checks its own results against the references before
-timing, so a wrong kernel fails loudly instead of printing a speed.
+It checks its own results against the references before timing, so a wrong kernel fails loudly (exit status 1)
+instead of printing a speed. The references (gradmap.projection.*_reference) convert whole operands to fp64 and run
+one torch GEMM; the ops convert panels (memory independent of the token count / weight width).
 
-Cases (bf16 activations/weights, fp64 T and statistics, as stage 2 uses them):
+Cases (bf16 activations/weights, as stage 2 uses them):
   * fold_projection_: down_proj weight [4096, 11008] with T [4096, 4096] (fp64 and fp32 T).
-  * gram_accumulate_: 64k tokens x 4096 streamed in micro-batches of 8 x 2048 tokens, fp64 and fp32 G/C.
+  * gram_accumulate_: 64k tokens x 4096 streamed in micro-batches of 8 x 2048 tokens, fp64 and fp32 G/C (fp64
+    accumulation for both, the same rule as on the CPU).
   * stage 2 end to end for one layer: stream the Gram statistics, solve the ridge, fold: native ops vs references.
+
+Time: CUDA events, best of 3 after a warm-up. Peak: torch.cuda.max_memory_allocated above the allocation before the
+call (bytes). Ratios reference/op > 1: the op is faster / needs less memory.
 
     python3 benchmarks/bench_ops_gpu.py [--tokens 65536] [--out docs/bench_ops_gpu.json]
 """
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -38,26 +45,45 @@ def cuda_time(fn, repeats: int = 3) -> float:
     return best
 
 
-def main() -> None:
+def cuda_peak(fn) -> int:
+    """Bytes ``fn`` allocates on the current CUDA device at its peak, above what was allocated before the call."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--micro-tokens", type=int, default=8 * 2048)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "bench_ops_gpu.json"))
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device visible")
+        print("bench_ops_gpu: no CUDA device visible", file=sys.stderr)
+        return 2
     if ops.backend("cuda") != "cuda":
         raise SystemExit(f"CUDA ops not loaded (backend {ops.backend('cuda')!r}): build with a CUDA torch (README)")
     dev = torch.device("cuda")
     torch.manual_seed(0)
     fold, gram = torch.ops.gradmap.fold_projection_, torch.ops.gradmap.gram_accumulate_
-    rows = []
+    rows, failures = [], []
 
-    def record(name, t_op, t_ref, err):
+    def record(name, op_fn, ref_fn, err, tol, repeats=3):
+        t_op, t_ref = cuda_time(op_fn, repeats), cuda_time(ref_fn, repeats)
+        m_op, m_ref = cuda_peak(op_fn), cuda_peak(ref_fn)
+        ok = err <= tol
         rows.append({"case": name, "op_seconds": t_op, "reference_seconds": t_ref, "ratio_reference_over_op":
-                     t_ref / t_op, "max_abs_diff": err})
-        print(f"{name:44s} op {t_op * 1e3:9.2f} ms  torch {t_ref * 1e3:9.2f} ms  torch/op {t_ref / t_op:5.2f}  "
-              f"max|diff| {err:.2e}", flush=True)
+                     t_ref / t_op, "op_peak_bytes": m_op, "reference_peak_bytes": m_ref,
+                     "memory_ratio_reference_over_op": m_ref / max(m_op, 1), "max_abs_diff": err, "tolerance": tol,
+                     "ok": ok})
+        if not ok:
+            failures.append(f"{name}: max|diff| {err:.3e} > {tol:.3e}")
+        print(f"{name:44s} op {t_op * 1e3:9.2f} ms  ref {t_ref * 1e3:9.2f} ms  ref/op {t_ref / t_op:5.2f}  "
+              f"peak op {m_op / 2**20:8.1f} MiB ref {m_ref / 2**20:8.1f} MiB  max|diff| {err:.2e} "
+              f"{'ok' if ok else 'FAILED'}", flush=True)
 
     d, ffn = 4096, 11008
     W = torch.randn(d, ffn, device=dev).to(torch.bfloat16)
@@ -66,11 +92,12 @@ def main() -> None:
                                                                                 dtype=torch.float64)).to(tdtype)
         w_op, w_ref = W.clone(), W.clone()
         fold(w_op, T)
-        fold_projection_reference(w_ref, T)
-        err = float((w_op.float() - w_ref.float()).abs().max())
-        assert torch.allclose(w_op.float(), w_ref.float(), rtol=1e-2, atol=1e-2), err
-        record(f"fold 4096x11008 bf16, T {str(tdtype)[6:]}", cuda_time(lambda: fold(W.clone(), T)),
-               cuda_time(lambda: fold_projection_reference(W.clone(), T)), err)
+        fold_projection_reference(w_ref, T)  # fp64
+        # bf16 results: at most one bf16 rounding step apart where the fp64/fp32 sums straddle a rounding boundary
+        # (2^-7 relative just above a power of two; measured 7.8e-3 with fp32 T): tolerance 2^-6, twice that
+        err = float(((w_op.float() - w_ref.float()).abs() / (w_ref.float().abs() + 1e-2)).max())
+        record(f"fold 4096x11008 bf16, T {str(tdtype)[6:]}", lambda: fold(W.clone(), T),
+               lambda: fold_projection_reference(W.clone(), T), err, 2.0**-6)
 
     micro = min(args.micro_tokens, args.tokens)
     X = torch.randn(micro, d, device=dev).to(torch.bfloat16)
@@ -82,8 +109,8 @@ def main() -> None:
         gram(G1, C1, X, Y)
         gram_accumulate_reference(G2, C2, X, Y)
         err = float(max((G1 - G2).abs().max(), (C1 - C2).abs().max()))
-        tol = 1e-6 * float(G2.abs().max()) if gdtype == torch.float64 else 1e-3 * float(G2.abs().max())
-        assert err <= tol, (err, tol)
+        # both accumulate in fp64: fp64 G/C differ by summation order; fp32 G/C by one fp32 rounding of the sum
+        tol = (1e-12 if gdtype == torch.float64 else 2.0**-23) * float(G2.abs().max())
 
         def op_stream(G=G1, C=C1):
             for _ in range(steps):
@@ -93,8 +120,7 @@ def main() -> None:
             for _ in range(steps):
                 gram_accumulate_reference(G, C, X, Y)
 
-        record(f"gram {steps * micro} tok x 4096, G {str(gdtype)[6:]}", cuda_time(op_stream, 2),
-               cuda_time(ref_stream, 2), err)
+        record(f"gram {steps * micro} tok x 4096, G {str(gdtype)[6:]}", op_stream, ref_stream, err, tol, repeats=2)
 
     # end-to-end stage 2 for one 7B-shaped layer (statistics + ridge solve + fold), on the same activations
     def stage2(native: bool):
@@ -107,14 +133,20 @@ def main() -> None:
         (fold if native else fold_projection_reference)(w, T)
         return w
 
-    err = float((stage2(True).float() - stage2(False).float()).abs().max())
-    record(f"stage 2, one layer, {steps * micro} tokens", cuda_time(lambda: stage2(True), 1),
-           cuda_time(lambda: stage2(False), 1), err)
+    w_native, w_ref = stage2(True).float(), stage2(False).float()
+    err = float(((w_native - w_ref).abs() / (w_ref.abs() + 1e-2)).max())
+    record(f"stage 2, one layer, {steps * micro} tokens", lambda: stage2(True), lambda: stage2(False), err, 2.0**-6,
+           repeats=1)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "rows": rows}
+              "rows": rows, "failures": failures}
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+    if failures:
+        print("FAILED: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    print("all checks passed")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Command line: ``gradmap prune | score | eval | plan``.
+"""Command line: ``gradmap prune | plan | score | eval | export-gguf | env``.
 
     gradmap prune --ratio 0.25 --output pruned-smollm2            # default model (SmolLM2-135M), Wikipedia text
     gradmap prune --ratio 0.25 --method sleb --compensate none --output sleb-smollm2   # a baseline
@@ -8,6 +8,8 @@
     gradmap score --model ./my-llama --metric taylor               # one scoring pass, every layer's score
     gradmap eval --model pruned-smollm2 --text wiki.test.raw       # perplexity of any model directory
     gradmap eval --model pruned-smollm2 --tasks all --limit 100    # plus zero-shot accuracy (lm-eval, local data)
+    gradmap export-gguf pruned-smollm2 pruned.gguf                 # for llama.cpp (its own converter)
+    gradmap env                                                    # versions, GPUs, kernels per device (bug reports)
 
 Bad input exits with status 2 and ONE line ``gradmap: error: ...`` naming the flag, before the model's weights are
 read (the config, the tokenizer and the texts are checked first); Ctrl-C exits with 130.
@@ -35,6 +37,7 @@ from .api import prune
 from .checkpoint import check_output_dir
 from .data import build_calibration, load_text, tokenize
 from .engine import Engine, ModelWeights, Windows, build_skeleton, init_from_environment, rank_device
+from .env import environment_report, format_report
 from .engine.memory import GiB, ModelShape, RunSettings, plan_run
 from .evaluation import perplexity
 from .export_gguf import export_gguf, roundtrip_check
@@ -216,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reload the GGUF with transformers and compare its logits with the checkpoint's")
     g.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.set_defaults(device=None)
 
     e = sub.add_parser("eval", help="perplexity of a model on a text, and zero-shot accuracy")
     _common(e)
@@ -223,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--stride", type=int, default=None, help="tokens between window starts (default seqlen)")
     _zeroshot_args(e)
     e.add_argument("--json", action="store_true", help="print JSON")
+
+    v = sub.add_parser("env", help="versions, GPUs and the kernels each device uses (paste it into bug reports)")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    v.set_defaults(threads=None, device=None, quiet=False)  # read by _setup
     return parser
 
 
@@ -700,6 +708,13 @@ def cmd_export_gguf(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    """``gradmap env``: versions, GPUs, the stage-2 ops backend and the kernel path per device."""
+    report = environment_report()
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
 def _check_counts(args) -> None:
     """Reject negative token counts before any work (0 means "all tokens")."""
     for name in ("eval_tokens", "tokens"):
@@ -709,7 +724,7 @@ def _check_counts(args) -> None:
 
 
 COMMANDS = {"prune": cmd_prune, "plan": cmd_plan, "score": cmd_score, "eval": cmd_eval,
-            "export-gguf": cmd_export_gguf}
+            "export-gguf": cmd_export_gguf, "env": cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:

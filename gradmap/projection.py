@@ -1,9 +1,9 @@
 """Closed-form projection for stage 2: streamed Gram matrices, the ridge solve, and the fold into ``down_proj``.
 
-:func:`gram_accumulate_` and :func:`fold_projection_` run the native ops ``torch.ops.gradmap.*`` (``csrc/``, loaded
-by :mod:`gradmap.ops`) when they are built for the tensors' device and dtypes, and otherwise the PyTorch references
-:func:`gram_accumulate_reference` and :func:`fold_projection_reference` (always callable by name, for tests and
-benchmarks). :func:`gradmap.ops.backend` reports which one is active.
+:func:`gram_accumulate_` and :func:`fold_projection_` run the native ops ``torch.ops.gradmap.*``
+(``csrc/``, loaded by :mod:`gradmap.ops`) when they are built for the tensors' device and dtypes, and
+otherwise the PyTorch references :func:`gram_accumulate_reference` and :func:`fold_projection_reference` (always
+callable by name, for tests and benchmarks). :func:`gradmap.ops.backend` reports which one is active.
 
 Problem (GradMAP stage 2, arXiv 2602.14649 Sec. 3; closed form as in ReplaceMe, arXiv 2505.02819 Eq. 4): find
 :math:`T \\in \\mathbb{R}^{d\\times d}` minimising :math:`\\|M T - R\\|_F^2 + \\alpha \\|T\\|_F^2`, where the rows of
@@ -36,8 +36,10 @@ def _check_gram(G: torch.Tensor, C: torch.Tensor, X: torch.Tensor, Y: torch.Tens
 def gram_accumulate_(G: torch.Tensor, C: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> None:
     """In place: ``G += XᵀX`` and ``C += XᵀY`` (the streamed Gram statistics of the ridge fit, module docstring).
 
-    Runs ``torch.ops.gradmap.gram_accumulate_`` (fp64 accumulation on CPU, ``G``'s dtype on CUDA) when the native ops
-    are loaded for this device and ``G``/``C`` are fp64/fp32 and ``X``/``Y`` fp32/fp16/bf16/fp64; otherwise
+    Accumulation rule, the same on every device and on both paths: products and sums in fp64 whatever ``G``'s dtype;
+    an fp32 ``G``/``C`` receives the call's fp64 increment rounded once. Runs ``torch.ops.gradmap.gram_accumulate_``
+    (CPU: MKL/OpenBLAS GEMMs; CUDA: cuBLAS GEMMs; both stream fp64 token panels) when the native ops are loaded for
+    this device and ``G``/``C`` are fp64/fp32 and ``X``/``Y`` fp32/fp16/bf16/fp64; otherwise
     :func:`gram_accumulate_reference`.
 
     Args:
@@ -58,14 +60,20 @@ def gram_accumulate_(G: torch.Tensor, C: torch.Tensor, X: torch.Tensor, Y: torch
 
 
 def gram_accumulate_reference(G: torch.Tensor, C: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> None:
-    """PyTorch reference of :func:`gram_accumulate_`: ``G += XᵀX``, ``C += XᵀY`` via ``addmm_`` in ``G``'s dtype.
+    """PyTorch reference of :func:`gram_accumulate_`: ``G += XᵀX``, ``C += XᵀY`` with ``X`` and ``Y`` converted whole
+    to fp64 (``tokens·(d + e)·8`` bytes) and one fp64 GEMM each; for fp32 ``G``/``C`` the fp64 increment is rounded
+    once (the op's accumulation rule).
 
     Shapes as in :func:`gram_accumulate_`. Raises ValueError on mismatched shapes.
     """
     _check_gram(G, C, X, Y)
-    Xa = X.to(G.dtype)
-    G.addmm_(Xa.T, Xa)
-    C.addmm_(Xa.T, Y.to(C.dtype))
+    X64 = X.to(torch.float64)
+    if G.dtype == torch.float64:
+        G.addmm_(X64.T, X64)
+        C.addmm_(X64.T, Y.to(torch.float64))
+    else:
+        G.add_(X64.T @ X64)
+        C.add_(X64.T @ Y.to(torch.float64))
 
 
 PRIORS = ("zero", "identity")
@@ -137,10 +145,10 @@ def fold_projection_(weight: torch.Tensor, T: torch.Tensor, bias: torch.Tensor |
     the projection is reparameterised into ``down_proj``). ``weight`` may be any strided view (e.g. ``conv1d.weight.T``
     for GPT-2's transposed Conv1D): the result is written into the same storage, in the weight's dtype.
 
-    Runs ``torch.ops.gradmap.fold_projection_`` (accumulation in fp64 for fp64 ``T``, fp32 for fp32 ``T``) when the
-    native ops are loaded for this device and ``T`` is fp32/fp64 and the weight fp32/fp16/bf16/fp64 (``T`` is moved to
-    the weight's device first); otherwise :func:`fold_projection_reference` (fp64). The bias is folded as a
-    ``[out, 1]`` matrix through the same path.
+    Runs ``torch.ops.gradmap.fold_projection_`` (accumulation in ``T``'s dtype on every device: fp64 for fp64 ``T``,
+    IEEE fp32 for fp32 ``T``, never TF32) when the native ops are loaded for this device and ``T`` is fp32/fp64 and the
+    weight fp32/fp16/bf16/fp64 (``T`` is moved to the weight's device first); otherwise
+    :func:`fold_projection_reference` (fp64). The bias is folded as a ``[out, 1]`` matrix through the same path.
 
     Raises:
         ValueError: if the shapes do not match, or (native op) if ``weight`` overlaps ``T`` or itself.

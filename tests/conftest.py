@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before anything imports triton
-
 import pytest
 import torch
+
+# Triton kernels run compiled where a GPU is present; without one, Triton's CPU interpreter runs them on CPU tensors.
+# TRITON_INTERPRET must be set before anything imports triton (torch._dynamo and torch._inductor do); importing torch
+# and asking for CUDA does not import it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="no CUDA device: CUDA cases run where torch.cuda.is_available()")
+DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+"""Device parameters of the op and kernel tests: every case runs on the CPU, and on CUDA where a GPU is present."""
+
 from transformers import (AutoModelForCausalLM, FalconConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig,
                           MistralConfig, OPTConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config)
 

@@ -28,9 +28,10 @@ def test_alignment_hand_cases():
 
 
 @contextlib.contextmanager
-def stage2(cal, drop=(2, 3), groups=4, micro_batch=2, family="llama"):
-    """An engine on a tiny model, the calibration trajectory with the dense snapshot, layers ``drop`` removed."""
-    model = tiny_model(family)
+def stage2(cal, drop=(2, 3), groups=4, micro_batch=2, family="llama", device="cpu"):
+    """An engine on a tiny model (on ``device``), the calibration trajectory with the dense snapshot, layers ``drop``
+    removed."""
+    model = tiny_model(family).to(device)
     with Engine.for_module(model) as engine:
         traj = engine.trajectory(Windows.from_calibration(cal, micro_batch, groups))
         traj.forward()

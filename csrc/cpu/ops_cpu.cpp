@@ -18,6 +18,7 @@
 #include <algorithm>
 
 #include "../checks.h"
+#include "../gram_streamed.h"
 
 namespace gradmap {
 namespace cpu {
@@ -38,61 +39,12 @@ constexpr int64_t kFoldColumnsMin = 256, kFoldColumnsMax = 1024;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Whether BLAS can write into `t` directly (row- or column-major with a leading dimension), so no copy is needed.
-inline bool blas_writable(const at::Tensor& t) {
-  return (t.stride(1) == 1 && t.stride(0) >= std::max<int64_t>(1, t.size(1))) ||
-         (t.stride(0) == 1 && t.stride(1) >= std::max<int64_t>(1, t.size(0)));
-}
-
 // ---------------------------------------------------------------------------------------------------------------
-// gram_accumulate_: G += XᵀX, C += XᵀY with fp64 accumulation.
-//
-// Token panels of X and Y are converted to fp64 and multiplied with fp64 GEMMs (BLAS threads them). G is symmetric
-// in its increment: per column block [i0, i0 + b) only the block row S = X[:, i0:i0+b]ᵀ·X[:, i0:] (diagonal block
-// and everything right of it) is computed, added to G[i0:i0+b, i0:] and, transposed, to G[i0+b:, i0:i0+b] — about
-// half the multiply-adds of a full XᵀX. G need not be symmetric on entry (each half gets its own increment).
-// fp64 G/C that BLAS can write are updated in place; fp32 or oddly strided G/C get an fp64 accumulator for the call,
-// added into them once at the end (one rounding per call).
-
-// acc[i0:i0+b, i0:] += S and acc[i0+b:, i0:i0+b] += S[:, b:]ᵀ for every column block; xp [kb, d] fp64 contiguous.
-void add_gram_increment(at::Tensor& acc, const at::Tensor& xp, at::Tensor& block_row) {
-  const int64_t d = xp.size(1);
-  for (int64_t i0 = 0; i0 < d; i0 += kGramBlock) {
-    const int64_t b = std::min(kGramBlock, d - i0), rest = d - i0;
-    at::Tensor s = block_row.narrow(0, 0, b).narrow(1, 0, rest);
-    at::mm_out(s, xp.narrow(1, i0, b).t(), xp.narrow(1, i0, rest));
-    acc.narrow(0, i0, b).narrow(1, i0, rest).add_(s);
-    if (rest > b) acc.narrow(0, i0 + b, rest - b).narrow(1, i0, b).add_(s.narrow(1, b, rest - b).t());
-  }
-}
+// gram_accumulate_: G += XᵀX, C += XᵀY with fp64 accumulation (gram_streamed.h), 1024-token panels, 256-wide blocks.
 
 void gram_accumulate_cpu(at::Tensor G, at::Tensor C, const at::Tensor& X, const at::Tensor& Y) {
   check_gram_accumulate(G, C, X, Y);
-  const int64_t n = X.size(0), d = X.size(1), e = Y.size(1);
-  if (n == 0 || d == 0) return;
-  at::AutoDispatchBelowADInplaceOrView no_autograd;  // the updates below are the op's own, not traced steps
-  const auto f64 = X.options().dtype(at::kDouble);
-  const bool g_direct = G.scalar_type() == at::kDouble && blas_writable(G);
-  const bool c_direct = C.scalar_type() == at::kDouble && blas_writable(C);
-  at::Tensor g_acc = g_direct ? G : at::zeros({d, d}, f64);
-  at::Tensor c_acc = (c_direct || e == 0) ? C : at::zeros({d, e}, f64);
-
-  const int64_t kb_max = std::min(n, kTokenPanel);
-  at::Tensor x_panel = at::empty({kb_max, d}, f64), y_panel = at::empty({kb_max, e}, f64);
-  at::Tensor block_row = at::empty({std::min(kGramBlock, d), d}, f64);
-  for (int64_t k0 = 0; k0 < n; k0 += kb_max) {
-    const int64_t kb = std::min(kb_max, n - k0);
-    at::Tensor xp = x_panel.narrow(0, 0, kb);
-    xp.copy_(X.narrow(0, k0, kb));
-    add_gram_increment(g_acc, xp, block_row);
-    if (e > 0) {
-      at::Tensor yp = y_panel.narrow(0, 0, kb);
-      yp.copy_(Y.narrow(0, k0, kb));
-      c_acc.addmm_(xp.t(), yp);
-    }
-  }
-  if (!g_direct) G.add_(g_acc);
-  if (!c_direct && e > 0) C.add_(c_acc);
+  gram_accumulate_streamed(G, C, X, Y, kTokenPanel, kGramBlock);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
