@@ -3,10 +3,10 @@
 Same model, same calibration batch, one process, one weight metric. Passes measured (the last four as in
 ``benchmarks/bench_scoring.py``, whose pass builders and memory helpers this script imports):
 
-* ``scoring, fused (<backend>)``: :func:`gradmap.kernels.fused_layer_scores`: no parameter requires grad; every
+* ``scoring, fused (<backend>)``: :func:`gradmap.methods.metrics.score_layers` (``backend="fused"``): no parameter requires grad; every
   decoder-layer Linear reduces ``dW = dyᵀ x`` into its layer score inside its own backward, ``chunk_rows`` rows of dW
   at a time (``--chunk-rows``, 0 = about 2**18 elements per chunk); no weight gradient is materialized.
-* ``scoring (<metric>)``: :func:`gradmap.scoring.layer_scores`: autograd makes each full weight gradient, a
+* ``scoring (<metric>)``: :func:`gradmap.methods.metrics.score_layers`: autograd makes each full weight gradient, a
   post-accumulate-grad hook reduces and frees it.
 * ``naive backward (stored .grad)``, ``backward, weight grads freed at once``, ``backward, no weight grads``, and
   ``forward (no grad)`` (the time unit).
@@ -17,7 +17,7 @@ is its warm-up. Peak memory: CPU bytes allocated by torch above what was allocat
 ``bench_scoring.self_check`` first).
 
 Check before timing: the fused scores must equal exact scores (every stored fp32 ``.grad`` reduced in fp64) to rtol
-1e-5. The hook path's error against the same exact scores is printed too: ``gradmap.scoring.reduce_gradient`` uses
+1e-5. The hook path's error against the same exact scores is printed too: ``gradmap.methods.metrics.reduce_gradient`` uses
 ``torch.linalg.vector_norm``, which on the CPU accumulates fp32 without pairwise summation (relative error ~7e-5 at
 the 0.9 M elements of one SmolLM2 MLP matrix, ~1e-3 at 4 M).
 
@@ -35,15 +35,29 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_scoring import FORWARD, FREED, MIB, NAIVE, NO_WEIGHT_GRAD, make_passes, peak_memory, self_check  # noqa: E402
+from bench_scoring import (FORWARD, FREED, MIB, NAIVE, NO_WEIGHT_GRAD, _only_grad, lm_loss_sum,  # noqa: E402
+                           make_passes, num_targets, peak_memory, self_check)
 
 from gradmap.adapters import get_adapter  # noqa: E402
 from gradmap.data import build_calibration, load_text  # noqa: E402
-from gradmap.kernels import fused_layer_scores  # noqa: E402
 from gradmap.models import load_model  # noqa: E402
 from gradmap.report import environment  # noqa: E402
-from gradmap.scoring import (WEIGHT_METRICS, _only_grad, layer_matrices, layer_scores, lm_loss_sum,  # noqa: E402
-                             num_targets)
+from gradmap.methods.metrics import layer_matrices, score_layers  # noqa: E402
+from gradmap.names import WEIGHT_METRICS  # noqa: E402
+
+
+def fused_layer_scores(model, cal, metric, *, micro_batch, backend, chunk_rows=0):
+    """The fused backend's scores (the engine's reverse sweep), the reduction kernel forced by GRADMAP_GRAD_REDUCE
+    (``chunk_rows`` is the kernel's automatic choice here)."""
+    os.environ["GRADMAP_GRAD_REDUCE"] = backend
+    try:
+        return score_layers(model, cal, metric, micro_batch=micro_batch, backend="fused")
+    finally:
+        os.environ.pop("GRADMAP_GRAD_REDUCE", None)
+
+
+def layer_scores(model, cal, metric, *, micro_batch):
+    return score_layers(model, cal, metric, micro_batch=micro_batch)
 
 
 def exact_scores(model, cal, metric: str, micro_batch: int) -> torch.Tensor:

@@ -3,10 +3,10 @@
 Same model, same calibration batch, one process. Passes (weight metric ``--metric``, default ``taylor``):
 
 * ``forward (no grad)``: the LM loss under ``torch.no_grad()``, the time unit ("x forward");
-* ``fused (triton)``: :func:`gradmap.kernels.fused_layer_scores` with the compiled Triton kernel (no dW stored);
+* ``fused (triton)``: :func:`gradmap.methods.metrics.score_layers` with ``backend="fused"`` with the compiled Triton kernel (no dW stored);
 * ``fused (torch chunks)``: the same with the chunked PyTorch reduction (the kernel's torch reference);
-* ``hooks``: :func:`gradmap.scoring.layer_scores` (autograd forms each dW, a hook reduces and frees it);
-* ``naive (all .grad stored)``: :func:`gradmap.scoring.reference_layer_scores` (every weight gradient held, then
+* ``hooks``: :func:`gradmap.methods.metrics.score_layers` (autograd forms each dW, a hook reduces and frees it);
+* ``naive (all .grad stored)``: :func:`gradmap.methods.metrics.reference_layer_scores` (every weight gradient held, then
   reduced in fp64): the score every other pass must match.
 
 Check before timing: every scoring pass equals the naive scores to rtol ``--rtol`` (default 1e-3 for fp32 models:
@@ -36,9 +36,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gradmap.data import Calibration, build_calibration, load_text  # noqa: E402
 from gradmap.env import environment_report  # noqa: E402
-from gradmap.kernels import fused_layer_scores  # noqa: E402
+from gradmap.methods.metrics import reference_layer_scores, score_layers  # noqa: E402
 from gradmap.models import load_model  # noqa: E402
-from gradmap.scoring import WEIGHT_METRICS, layer_scores, lm_loss_sum, reference_layer_scores  # noqa: E402
+from gradmap.names import WEIGHT_METRICS  # noqa: E402
+
+
+def lm_loss_sum(model, input_ids, attention_mask):
+    """The model's own forward with full logits and the summed next-token cross-entropy: the time unit."""
+    device = next(model.parameters()).device
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    valid = (mask[:, 1:] * mask[:, :-1]).bool()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                             ids[:, 1:].masked_fill(~valid, -100).flatten(), ignore_index=-100,
+                                             reduction="sum"), int(valid.sum())
+
+
+def fused_layer_scores(model, cal, metric, *, micro_batch, backend):
+    """The fused backend's scores (the engine's reverse sweep) with the reduction kernel forced."""
+    os.environ["GRADMAP_GRAD_REDUCE"] = backend
+    try:
+        return score_layers(model, cal, metric, micro_batch=micro_batch, backend="fused")
+    finally:
+        os.environ.pop("GRADMAP_GRAD_REDUCE", None)
+
+
+def layer_scores(model, cal, metric, *, micro_batch, backend):
+    return score_layers(model, cal, metric, micro_batch=micro_batch, backend=backend)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -116,7 +116,8 @@ else
 fi
 
 # -------------------------------------------------------------------------------------- prune_cpu (background)
-PRUNE=($PY -m gradmap prune --ratio 0.25 --overwrite -q "${PRUNE_SIZE[@]}")
+# fp32 on both devices for the like-for-like comparison (--dtype auto would pick bfloat16 on CUDA)
+PRUNE=($PY -m gradmap prune --ratio 0.25 --overwrite -q --dtype float32 "${PRUNE_SIZE[@]}")
 CPU_PID=
 if (( HAVE_DATA )); then
   echo "[gpu_check] prune_cpu: started in the background ($CPU_THREADS threads)"

@@ -22,7 +22,18 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from gradmap.data import Calibration
 from gradmap.kernels.grad_reduce import linear_grad_reduce, reference_linear_grad_reduce
 from gradmap.projection import fold_projection_, gram_accumulate_, solve_ridge
-from gradmap.scoring import layer_scores, lm_loss_sum, reference_layer_scores
+from gradmap.methods.metrics import reference_layer_scores
+from gradmap.methods.metrics import score_layers as layer_scores
+
+
+def lm_loss_sum(model, input_ids, attention_mask):
+    """The model's own forward (full logits) and summed next-token cross-entropy: the reference pass."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    valid = (attention_mask[:, 1:] * attention_mask[:, :-1]).bool()
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                             input_ids[:, 1:].masked_fill(~valid, -100).flatten(),
+                                             ignore_index=-100, reduction="sum")
+    return loss, int(valid.sum())
 
 TOKENS, HIDDEN, FFN = 512, 576, 1536
 

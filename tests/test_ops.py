@@ -429,6 +429,7 @@ def test_library_for_another_torch_is_rebuilt_just_in_time(tmp_path):
     torch.utils.cpp_extension into the cache instead (once: a second process reuses it without compiling)."""
     package = tmp_path / "site" / "gradmap"
     shutil.copytree(os.path.join(ROOT, "gradmap"), package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(os.path.join(ROOT, "csrc"), package / "csrc")  # what an installed wheel carries (setup.py)
     for lib in glob.glob(str(package / "_C*.so")):
         os.remove(lib)
     # a library that WOULD load here (this torch's own build), labelled as built for torch 0.0.1
