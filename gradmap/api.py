@@ -486,7 +486,8 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
     eval_windows = None if eval_tokens is None else perplexity_windows(
         eval_tokens, seqlen=eval_seqlen, max_tokens=eval_max_tokens, micro_batch=4, max_length=spec.limits.max_length)
     with Engine(weights, parallel=parallel, progress=progress, stride=plan.stride if plan else 1,
-                state_budget=plan.state_budget if plan else None) as engine:
+                state_budget=plan.state_budget if plan else None,
+                keep_graph=plan.keep_graph if plan else True) as engine:
         pipe = _Pipeline(engine, calibration, spec, eval_windows, holdout, resume, run_id, recorded)
         selection = pipe.select()
         final = engine.view.copy()

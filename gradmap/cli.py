@@ -44,6 +44,7 @@ from .export_gguf import export_gguf, roundtrip_check
 from .methods.metrics import layer_scores
 from .models import (NAMED_MODELS, check_model_dir, default_dtype, load_model, parse_dtype, read_config,
                      resolve_model_path)
+from .resume import check_state_file
 from .names import (BACKENDS, COMPENSATIONS, DEFAULT_COMPENSATION, DEFAULT_METHOD, DEFAULT_METRIC, METHODS, METRICS)
 from .validation import ModelLimits, check_device, check_positive, check_prune_plan, check_threads
 from .zeroshot import evaluate_zero_shot, format_table, parse_tasks, task_config
@@ -518,6 +519,8 @@ def cmd_prune(args) -> int:
         if state.exists() and not (args.resume or args.restart):
             raise ValueError(f"--resume: an interrupted run's stage-1 state ({state}) exists for this --output: pass "
                              "--resume to continue it or --restart to discard it")
+        if args.resume and state.exists():
+            check_state_file(state)  # a broken file is refused now, not after the weights are read
         if args.resume and not state.exists():
             log.warning("--resume: no state file %s (no interrupted run recorded): starting from the first decision",
                         state)

@@ -272,6 +272,19 @@ def load_model(model: str | os.PathLike = DEFAULT_MODEL, dtype: str | torch.dtyp
     return lm, tokenizer
 
 
+def load_tokenizer(model: str | os.PathLike = DEFAULT_MODEL):
+    """The tokenizer of ``model`` (a model directory, a ``.gguf`` file or a bundled model's name), without loading
+    any weights.
+
+    Raises:
+        FileNotFoundError: see :func:`resolve_model_path`, or a directory without tokenizer files.
+    """
+    path = resolve_model_path(model)
+    if not has_tokenizer(path):
+        raise FileNotFoundError(f"--model: {str(path)!r} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    return AutoTokenizer.from_pretrained(path)
+
+
 def validate_model(model: nn.Module) -> None:
     """Check that ``model`` can be pruned: real (not meta) parameters of a float dtype.
 

@@ -75,6 +75,23 @@ def fingerprint(weights: ModelWeights, calibration: Calibration, settings: dict)
             "settings": json.loads(json.dumps(settings))}
 
 
+def check_state_file(path: str | os.PathLike) -> dict:
+    """The parsed state file ``path`` (before any weight is read; the fingerprint is compared later).
+
+    Raises:
+        ValueError: not a gradmap state file of this version (named ``--resume``).
+    """
+    try:
+        state = json.loads(Path(path).read_text(encoding="utf-8"))
+        state["fingerprint"], state["steps"]  # noqa: B018 (both must be there)
+        if state.get("version") != STATE_VERSION:
+            raise KeyError("version")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"--resume: {str(path)!r} is not a gradmap state file (version {STATE_VERSION}); pass "
+                         "--restart to discard it") from None
+    return state
+
+
 def load_state(path: str | os.PathLike, expected: dict) -> list[Step]:
     """Recorded steps of ``path`` (empty if the file does not exist).
 
@@ -85,13 +102,8 @@ def load_state(path: str | os.PathLike, expected: dict) -> list[Step]:
     path = Path(path)
     if not path.exists():
         return []
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        recorded, steps = state["fingerprint"], state["steps"]
-        if state.get("version") != STATE_VERSION:
-            raise KeyError("version")
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f"--resume: {str(path)!r} is not a gradmap state file (version {STATE_VERSION})") from None
+    state = check_state_file(path)
+    recorded, steps = state["fingerprint"], state["steps"]
     diffs = [k for k in ("model", "calibration") if recorded.get(k) != expected[k]]
     rec_settings = recorded.get("settings", {})
     diffs += [f"setting {k} ({rec_settings.get(k)!r} recorded, {v!r} now)" for k, v in expected["settings"].items()

@@ -251,6 +251,7 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: str | Iterable[str] =
         raise ValueError(f"batch_size: must be a positive integer, got {batch_size!r}")
     start = time.perf_counter()
     configs = {t: task_config(t, data_dir) for t in names}  # validates lm_eval and the data before any model work
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -260,6 +261,11 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: str | Iterable[str] =
     if not progress:
         lm_logger.setLevel(logging.ERROR)
     was_training = model.training
+    # lm-eval records the git commit of the working directory by running `git describe`, which prints "fatal: not a git
+    # repository" outside a checkout (twice per run, whatever the log level): gradmap records its own versions instead,
+    # so that lookup is switched off for the duration.
+    git_lookup = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         if not progress:  # lm-eval's evaluator does not forward a tqdm switch to the model
@@ -282,6 +288,7 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: str | Iterable[str] =
             log.info("%s: %s %.4f on %d items (%.1f s)", task, HEADLINE[task], per_task[task][HEADLINE[task]], n,
                      seconds)
     finally:
+        lm_eval.evaluator.get_git_commit_hash = git_lookup
         lm_logger.setLevel(old_level)
         model.train(was_training)
     headline = [per_task[t][HEADLINE[t]] for t in names]

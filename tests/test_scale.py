@@ -119,11 +119,14 @@ def test_plan_sizes_by_hand():
     assert plan.lm_head == 16 * 1000 * 4 * 2 + 16 * 64 * 4
     bt = 4 * 32
     assert plan.activations_forward == bt * (4 * 64 + 3 * 128) * 4
-    assert plan.activations_backward == bt * (16 * 64 + 6 * 128) * 4
+    per_layer = bt * (16 * 64 + 6 * 128) * 4
+    # resident: one micro-batch's graph through every layer, i.e. the backward of layer 1..3 held besides layer 0's
+    assert plan.keep_graph and plan.activations_backward == per_layer + 3 * per_layer
     # a cap of the outer unit + 2 layers + 1 more layer: one layer resident, three stream
     cap = (128064 + 3 * 41088) * 4
     capped = plan_run(shape, settings, device=torch.device("cpu"), dtype=torch.float32, max_memory=cap)
     assert capped.mode == "streamed" and capped.resident_layers == 1 and capped.streamed_layers == 3
+    assert not capped.keep_graph and capped.activations_backward == per_layer  # streamed: layer by layer
     assert capped.moved_per_decision == 3 * 41088 * 4 * 2
     too_small = plan_run(shape, settings, device=torch.device("cpu"), dtype=torch.float32, max_memory=1000)
     assert not too_small.fits and "--max-memory" in too_small.advice

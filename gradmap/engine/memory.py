@@ -10,6 +10,8 @@ estimates, per device (the compute device, and the host):
 * **activations** of one micro-batch through one decoder layer: the forward transients, and the recomputed forward
   with grad plus its backward in the reverse sweep (saved tensors ≈ ``(16·hidden + 6·ffn)·itemsize`` per token for a
   gated MLP, ``(16·hidden + 4·ffn)`` otherwise, plus ``heads·seqlen²·4`` bytes per window when attention is eager);
+  a resident run keeps one micro-batch's graph through every layer instead (``L`` times that, no recomputation)
+  when the budget allows it;
 * **boundary states**: ``(L + 1)`` hidden states of every calibration token of this rank (``tokens·hidden·itemsize``
   each), twice when stage 2 keeps the dense trajectory; on the device while they fit, the rest in pinned host memory,
   and when the host cannot hold them either, only every ``stride``-th boundary (checkpointing);
@@ -168,6 +170,7 @@ class MemoryPlan:
     device_states: int = 0
     host_states: int = 0
     state_budget: int | None = None
+    keep_graph: bool = False
 
     def as_dict(self) -> dict:
         """JSON-ready (placement keys as strings)."""
@@ -275,11 +278,20 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
             break
         stride += 1
     mode = "resident" if not streamed else "streamed"
+    # Resident runs keep one micro-batch's autograd graph through every layer in the backward (no recomputation,
+    # Trajectory.backward's fast path) when the budget allows it; otherwise layer by layer.
+    graph = (n - 1) * bwd
+    keep_graph = mode == "resident" and (device.type == "cpu" or "device" not in budget
+                                         or used + fixed + graph + device_states <= budget["device"])
+    if keep_graph:
+        fixed += graph
+        bwd += graph
     sweeps = 2 + (1 if stride > 1 else 0)  # forward + backward (+ segment recompute)
     moved = sum(b for u, b in units if placement[u] != "device") * sweeps
     peak_device = used + slots + fixed + device_states
     peak_host = host_used + host_states if device.type == "cuda" else peak_device
     fits, advice = True, ""
+    fixed -= graph if keep_graph else 0
     if device.type == "cuda" and "device" in budget and fixed + outer_bytes + STREAM_SLOTS * largest > budget["device"]:
         fits = False
         advice = (f"the working set ({fixed / GiB:.1f} GiB: activations {max(fwd, bwd) / GiB:.1f} GiB, logits chunk "
@@ -303,4 +315,4 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
                       streamed_layers=sum(1 for u in streamed if u != "outer"), placement=placement,
                       budget={k: v for k, v in budget.items()}, fits=fits, advice=advice, stride=stride,
                       device_states=device_states, host_states=host_states,
-                      state_budget=state_room if device.type == "cuda" else None)
+                      state_budget=state_room if device.type == "cuda" else None, keep_graph=keep_graph)
