@@ -122,7 +122,8 @@ def _counts(value: str) -> list[int]:
     return counts
 
 
-def _prune_args(p: argparse.ArgumentParser, *, plan_only: bool = False) -> None:
+def _prune_args(p: argparse.ArgumentParser, *, plan: bool = False) -> None:
+    """prune's flags; ``plan`` takes them all too (``--output`` optional there, the outputs are not written)."""
     target = p.add_mutually_exclusive_group()
     target.add_argument("--num-layers", type=int, help="number of decoder layers to remove (a ceiling with "
                                                        "--max-ppl-increase)")
@@ -156,8 +157,6 @@ def _prune_args(p: argparse.ArgumentParser, *, plan_only: bool = False) -> None:
                         "set), on CPU the host memory weights may hold; layers that do not fit stream from the "
                         "checkpoint (default: the device's memory; unlimited on CPU)")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
-    if plan_only:
-        return
     p.add_argument("--save-at", type=_counts, default=[], metavar="COUNTS",
                    help="also save the model after these removed-layer counts (e.g. 4,6,8): one run writes "
                         "OUTPUT/layers-4/, ... each compensated and with its own report")
@@ -169,7 +168,7 @@ def _prune_args(p: argparse.ArgumentParser, *, plan_only: bool = False) -> None:
                    help="GGUF tensor type of --export-gguf (default f32)")
     p.add_argument("--allow-gguf-mismatch", action="store_true",
                    help="write the GGUF even when its readers would rebuild a different model (warned)")
-    p.add_argument("--output", required=True, help="output directory for the pruned checkpoint")
+    p.add_argument("--output", required=not plan, help="output directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     state = p.add_mutually_exclusive_group()
     state.add_argument("--resume", action="store_true",
@@ -196,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pl)
     _calib_args(pl)
     _eval_args(pl)
-    _prune_args(pl, plan_only=True)
+    _prune_args(pl, plan=True)
     pl.add_argument("--world-size", type=int, default=None,
                     help="processes the run will use (default: WORLD_SIZE, or 1)")
     pl.add_argument("--json", action="store_true", help="print JSON")
@@ -440,7 +439,6 @@ def cmd_plan(args) -> int:
     config = read_config(path)
     limits = ModelLimits.from_config(config)
     adapter_for_type(limits.model_type)
-    args.save_at = []
     _check_prune_flags(args, limits)
     world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
     check_positive(world, "--world-size")

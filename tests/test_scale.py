@@ -116,7 +116,7 @@ def test_plan_sizes_by_hand():
     assert plan.stride == 1 and plan.host_states == 0
     assert plan.gradients == 2 * state
     assert plan.gram == (2 * 5 + 2) * 64 * 64 * 8
-    assert plan.lm_head == 16 * 1000 * 4 * 2 + 16 * 64 * 4
+    assert plan.lm_head == 16 * 1000 * 4 + 16 * 64 * 4 * 2  # fp32 logits chunk (gradient in place), rows + grads
     bt = 4 * 32
     assert plan.activations_forward == bt * (4 * 64 + 3 * 128) * 4
     per_layer = bt * (16 * 64 + 6 * 128) * 4

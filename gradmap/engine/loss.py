@@ -11,14 +11,20 @@ norm and any family-specific step (OPT's ``project_out``, Gemma-2/3 final-logit 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..adapters import Adapter
-from ..kernels.linear_cross_entropy import linear_cross_entropy
+from ..kernels.linear_cross_entropy import linear_cross_entropy, reference_linear_cross_entropy
 
 IGNORE = -100
+#: ``GRADMAP_LOSS=full`` computes the loss from the full ``[tokens, vocabulary]`` logits (fp32, the reference of
+#: :mod:`gradmap.kernels.linear_cross_entropy`) instead of the fused chunks: for checking that the fused path changes
+#: no decision (benchmarks/bench_loss_prune.py), never faster or smaller.
+LOSS_ENV = "GRADMAP_LOSS"
 
 
 def next_token_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -56,4 +62,7 @@ def head_nll(model: nn.Module, adapter: Adapter, hidden: torch.Tensor, targets: 
         if softcap is not None:
             logits = softcap * torch.tanh(logits / softcap)
         return F.cross_entropy(logits, targets[rows], reduction="sum")
+    if os.environ.get(LOSS_ENV, "fused") == "full":
+        return reference_linear_cross_entropy(h, head.weight, targets[rows], bias=bias, softcap=softcap,
+                                              compute_dtype=torch.float32)
     return linear_cross_entropy(h, head.weight, targets[rows], bias=bias, softcap=softcap)

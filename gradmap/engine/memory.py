@@ -38,6 +38,7 @@ import torch
 from accelerate.utils import convert_file_size_to_int
 
 from ..adapters import get_adapter
+from ..kernels.linear_cross_entropy import default_chunk_size
 
 GiB = 1 << 30
 #: Streamed layers resident at once: the one in use and the next one being read.
@@ -55,6 +56,8 @@ def parse_max_memory(value, device: torch.device) -> dict[str, int]:
         ValueError: an unreadable size (named ``--max-memory``) or a non-positive one.
     """
     def size(v) -> int:
+        if isinstance(v, str) and v.strip().isdigit():  # plain bytes on the command line
+            v = int(v.strip())
         try:
             n = convert_file_size_to_int(v)
         except (ValueError, TypeError, AttributeError):
@@ -136,7 +139,7 @@ class RunSettings:
     stride: int = 1
     candidates: int = 1  # resumed streams alive at once (leave-one-out searches hold more)
     eval_seqlen: int | None = None
-    logits_chunk: int = 4096
+    logits_chunk: int | None = None  # LM-head rows per chunk (None: the fused loss's own default for the vocabulary)
 
 
 @dataclass
@@ -225,7 +228,9 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
     n = shape.num_layers
     gradients = 2 * state
     fwd, bwd = _activation_bytes(shape, settings, item)
-    head = settings.logits_chunk * shape.vocab * 4 * 2 + settings.logits_chunk * shape.hidden * 4
+    rows = settings.logits_chunk or default_chunk_size(shape.vocab, tokens, device=device, dtype=dtype)
+    per_logit = 4 + (2 if device.type == "cuda" and dtype != torch.float32 else 0)
+    head = rows * shape.vocab * per_logit + rows * shape.hidden * 4 * 2  # the chunk's logits (gradient in place)
     gram = (2 * (settings.folds + 1) + 2) * shape.hidden ** 2 * 8 if settings.compensate else 0
     scores = n * 4
     fixed = gradients + max(fwd, bwd) + head + gram + scores
@@ -243,6 +248,7 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
     else:
         weight_budget = budget["cpu"] - STREAM_SLOTS * largest if "cpu" in budget else None
         host_units_budget = None
+    # (the outer unit competes for the same budget: placed first, it streams when it does not fit)
     placement: dict = {}
     used = host_used = 0
     units = [("outer", outer_bytes)] + list(enumerate(layer_bytes))
@@ -250,8 +256,11 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
         placement = {u: "device" for u, _ in units}
         used = total
     else:
+        room = weight_budget
+        if outer_bytes > room:  # the outer unit streams too: what is in flight is the larger of it and two layers
+            room = weight_budget + STREAM_SLOTS * largest - max(outer_bytes, STREAM_SLOTS * largest)
         for u, b in units:
-            if used + b <= weight_budget:
+            if used + b <= room:
                 placement[u] = "device"
                 used += b
             elif device.type == "cuda" and host_units_budget is not None and host_used + b <= host_units_budget:
@@ -260,9 +269,11 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
             else:
                 placement[u] = "stream"
     streamed = [u for u, p in placement.items() if p != "device"]
+    # in flight: two streamed layers (the one in use and the next), or the outer unit alone (it is never onloaded
+    # together with a layer: embeddings before the first layer, the LM head after the last)
     slots = min(STREAM_SLOTS, len([u for u in streamed if u != "outer"])) * largest
     if "outer" in streamed:
-        slots += outer_bytes
+        slots = max(slots, outer_bytes)
     # (3) states: on the device up to what is left, then the host; (4) a stride when the host cannot hold them
     if device.type == "cuda":
         state_room = max(budget["device"] - used - slots - fixed, 0) if "device" in budget else None
@@ -292,16 +303,17 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
     peak_host = host_used + host_states if device.type == "cuda" else peak_device
     fits, advice = True, ""
     fixed -= graph if keep_graph else 0
-    if device.type == "cuda" and "device" in budget and fixed + outer_bytes + STREAM_SLOTS * largest > budget["device"]:
+    least = max(outer_bytes, STREAM_SLOTS * largest)  # the weights a fully streamed run holds at once
+    if device.type == "cuda" and "device" in budget and fixed + least > budget["device"]:
         fits = False
         advice = (f"the working set ({fixed / GiB:.1f} GiB: activations {max(fwd, bwd) / GiB:.1f} GiB, logits chunk "
                   f"{head / GiB:.1f} GiB, Gram {gram / GiB:.1f} GiB, gradients {gradients / GiB:.1f} GiB) plus the "
                   f"embeddings/head and two layers does not fit {budget['device'] / GiB:.1f} GiB on {device}: lower "
                   "--micro-batch/--seqlen, run on more GPUs (torchrun), or raise --max-memory")
-    elif device.type == "cpu" and "cpu" in budget and outer_bytes + STREAM_SLOTS * largest > budget["cpu"]:
+    elif device.type == "cpu" and "cpu" in budget and least > budget["cpu"]:
         fits = False
-        advice = (f"--max-memory {budget['cpu'] / GiB:.2f} GiB is below the embeddings/LM head plus two decoder layers "
-                  f"({(outer_bytes + STREAM_SLOTS * largest) / GiB:.2f} GiB), the least a streamed run holds; raise it")
+        advice = (f"--max-memory {budget['cpu'] / GiB:.2f} GiB is below the weights a fully streamed run holds at once "
+                  f"(two decoder layers, or the embeddings/LM head: {least / GiB:.2f} GiB); raise it")
     elif host_room is not None and host_states > host_room:
         fits = False
         advice = (f"the boundary hidden states need {host_states / GiB:.1f} GiB of host memory even storing every "
