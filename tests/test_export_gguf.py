@@ -329,3 +329,22 @@ def test_missing_converter_message(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADMAP_GGUF_CONVERTER", str(tmp_path / "none"))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps --target"):
         converter_path()
+
+
+@needs_converter
+def test_cli_prune_writes_the_gguf_too(tmp_path, sp_model):
+    """``gradmap prune --export-gguf`` on a SentencePiece-tokenized tiny Llama: the pruned checkpoint and its GGUF,
+    which reloads with transformers' GGUF loader and gives the checkpoint's logits."""
+    from gradmap.cli import main
+    from gradmap.export_gguf import roundtrip_check
+
+    path = save(build(gguf_config("llama")), tmp_path / "dense", sp_model)
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))  # for AutoTokenizer
+    (tmp_path / "text.txt").write_text(SAMPLE_TEXT, encoding="utf-8")
+    out, gguf = tmp_path / "out", tmp_path / "out.gguf"
+    assert main(["prune", "--model", str(path), "--num-layers", "2", "--text", str(tmp_path / "text.txt"),
+                 "--nsamples", "4", "--seqlen", "16", "--no-eval", "--no-speed", "--compensate", "none", "-q",
+                 "--output", str(out), "--export-gguf", str(gguf)]) == 0
+    assert gguf.is_file() and json.loads((out / "gradmap_report.json").read_text())["removed_layers"]
+    check = roundtrip_check(out, gguf)
+    assert check["max_abs_diff"] <= 1e-4 * max(1.0, check["max_abs_logit"])

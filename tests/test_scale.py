@@ -143,3 +143,30 @@ def test_max_memory_notation():
         parse_max_memory("lots", torch.device("cpu"))
     with pytest.raises(ValueError, match="--max-memory"):
         parse_max_memory("cuda=,cpu=1GiB", torch.device("cuda", 0))
+
+
+LLAMA3 = {  # the public shapes of Llama-3-8B and Llama-3-70B (nothing downloaded: the configs are written here)
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=False),
+}
+
+
+@pytest.mark.parametrize("name,params", [("8b", 8_030_261_248), ("70b", 70_553_706_496)])
+def test_llama3_plans_on_one_and_eight_80gb_gpus(name, params):
+    shape = ModelShape.from_model(build_skeleton(LlamaConfig(**LLAMA3[name])))
+    assert sum(shape.layer_params) + shape.outer_params == params  # the published parameter counts
+    settings = dict(nsamples=128, seqlen=2048, micro_batch=8, compensate=True, folds=4)
+    one = plan_run(shape, RunSettings(**settings), device=torch.device("cuda", 0), dtype=torch.bfloat16,
+                   max_memory={0: "80GiB", "cpu": "1800GiB"})
+    eight = plan_run(shape, RunSettings(**settings, world_size=8), device=torch.device("cuda", 0),
+                     dtype=torch.bfloat16, max_memory={0: "80GiB", "cpu": "225GiB"})
+    for plan in (one, eight):
+        assert plan.fits and plan.peak_device <= 80 * GiB and plan.weights_total == params * 2
+    state = 128 * 2048 * shape.hidden * 2  # one boundary of every calibration token, bf16
+    assert one.boundary_states == 2 * (shape.num_layers + 1) * state  # the live and the dense trajectory
+    assert eight.boundary_states == 2 * (shape.num_layers + 1) * (state // 8)  # each rank holds 1/8 of the windows
+    if name == "70b":  # 141 GB of bf16 weights: streams on one GPU, and still on eight (data parallel, not sharded)
+        assert one.mode == eight.mode == "streamed" and one.moved_per_decision > 0
+        assert one.host_states > 0  # hidden states spill to host memory on one GPU
