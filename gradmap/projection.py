@@ -79,7 +79,8 @@ def gram_accumulate_reference(G: torch.Tensor, C: torch.Tensor, X: torch.Tensor,
 PRIORS = ("zero", "identity")
 
 
-def solve_ridge(G: torch.Tensor, C: torch.Tensor, ridge: float, *, prior: str = "zero") -> torch.Tensor:
+def solve_ridge(G: torch.Tensor, C: torch.Tensor, ridge: float, *, prior: str = "zero",
+                overwrite: bool = False) -> torch.Tensor:
     """Ridge solve from the Gram statistics, with the ridge relative to the mean Gram diagonal.
 
     With ``α = ridge · mean(diag(G))``:
@@ -98,6 +99,9 @@ def solve_ridge(G: torch.Tensor, C: torch.Tensor, ridge: float, *, prior: str = 
         C: ``[d, e]`` cross term ``MᵀR``; ``[d, d]`` for ``prior="identity"``.
         ridge: relative ridge strength λ ≥ 0.
         prior: ``"zero"`` or ``"identity"`` (keyword only).
+        overwrite: fp64 ``G`` and ``C`` may be overwritten (the ridge is added to their diagonals in place), which
+            saves two ``d × d`` fp64 copies; pass it for temporaries only. Beside ``G`` and ``C`` the solve then holds
+            two more ``d × d`` fp64 matrices (the Cholesky factor and ``T``).
 
     Returns:
         ``T``: ``[d, e]`` fp64, on ``G``'s device.
@@ -116,14 +120,17 @@ def solve_ridge(G: torch.Tensor, C: torch.Tensor, ridge: float, *, prior: str = 
                          f"got {tuple(C.shape)}")
     if not (torch.isfinite(G).all() and torch.isfinite(C).all()):
         raise ValueError("Gram matrix holds NaN/inf: activations overflowed (use bfloat16 or float32, not float16)")
-    G64, C64 = G.double(), C.double()
-    eye = torch.eye(G64.shape[0], dtype=G64.dtype, device=G64.device)
-    scale = float(torch.diagonal(G64).mean())
+    A = G.double() if overwrite or G.dtype != torch.float64 else G.clone()
+    scale = float(torch.diagonal(A).mean())
+    alpha = ridge * scale
     if prior == "identity":
         if ridge > 0 and scale <= 0:  # no data: the prior alone decides (the relative α would be 0)
-            return eye
-        C64 = C64 + ridge * scale * eye
-    A = G64 + ridge * scale * eye
+            return torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+        C64 = C.double() if overwrite or C.dtype != torch.float64 else C.clone()
+        C64.diagonal().add_(alpha)  # C + αI
+    else:
+        C64 = C.double()
+    A.diagonal().add_(alpha)  # G + αI
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         return torch.cholesky_solve(C64, L)

@@ -112,8 +112,13 @@ def test_resumed_candidates_equal_really_changed_models(family):
         0.01 * torch.randn(dict(adapter.layers(model)[3].named_parameters())[down_name].shape, generator=g)
     with Engine.for_module(model) as engine:
         traj = engine.trajectory(Windows.from_calibration(cal, micro_batch=3))
-        candidates = [Candidate(p, skip=True) for p in range(6)] + [Candidate(3, overrides={down_name: changed_w})]
+        calls = []
+        lazy = Candidate(3, overrides=lambda: calls.append(1) or {down_name: changed_w})
+        candidates = [Candidate(p, skip=True) for p in range(6)] + [Candidate(3, overrides={down_name: changed_w}), lazy]
         got = traj.candidate_losses(candidates)
+    # a callable override is built once per micro-batch group that reaches it (one group: 4 windows, micro-batch 3
+    # → 2 micro-batches in one sweep) and gives exactly the dict override's loss
+    assert len(calls) >= 1 and got[7] == got[6]
     for p in range(6):
         want, count = model_nll(removed_copy(model, [p]), cal)
         assert got[p][1] == count and got[p][0] == pytest.approx(want, rel=1e-5), p

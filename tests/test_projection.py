@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DEVICES
-from gradmap.projection import (fold_projection_, gram_accumulate_, gram_accumulate_reference, solve_ridge)
+from gradmap.projection import (fold_projection_, gram_accumulate_, gram_accumulate_reference, solve_ridge, PRIORS)
 
 
 @pytest.fixture(params=DEVICES)
@@ -87,6 +87,21 @@ def test_identity_prior_equals_augmented_least_squares(device):
     got = solve_ridge(G.to(device), C.to(device), lam, prior="identity")
     assert got.device.type == device
     torch.testing.assert_close(got.cpu(), want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("prior", PRIORS)
+def test_overwrite_gives_the_same_solve_and_only_then_touches_inputs(prior):
+    g = torch.Generator().manual_seed(5)
+    M = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    R = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    G, C = M.T @ M, M.T @ R
+    G0, C0 = G.clone(), C.clone()
+    want = solve_ridge(G, C, 0.3, prior=prior)
+    assert torch.equal(G, G0) and torch.equal(C, C0)  # default: inputs untouched
+    got = solve_ridge(G, C, 0.3, prior=prior, overwrite=True)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    alpha = 0.3 * float(torch.diagonal(G0).mean())
+    torch.testing.assert_close(G, G0 + alpha * torch.eye(6, dtype=torch.float64))  # G + αI, in place
 
 
 def test_identity_prior_limits():

@@ -39,9 +39,9 @@ RIDGE_LIMITS = (1e-8, 1e8)
 VERIFY = 2
 
 
-def _solve(G: torch.Tensor, C: torch.Tensor, lam: float) -> torch.Tensor | None:
+def _solve(G: torch.Tensor, C: torch.Tensor, lam: float, overwrite: bool = False) -> torch.Tensor | None:
     try:
-        T = solve_ridge(G, C, lam, prior="identity")
+        T = solve_ridge(G, C, lam, prior="identity", overwrite=overwrite)
     except torch.linalg.LinAlgError:
         return None
     return T if torch.isfinite(T).all() else None
@@ -53,7 +53,7 @@ def reconstruction_error(stats: GramStats, lam: float) -> float:
     G, C = stats.total()
     total = 0.0
     for g in range(len(stats.G)):
-        T = _solve(G - stats.G[g], C - stats.C[g], lam)
+        T = _solve(G - stats.G[g], C - stats.C[g], lam, overwrite=True)
         if T is None:
             return math.nan
         total += float((stats.G[g] @ T * T).sum() - 2 * (T * stats.C[g]).sum() + stats.z[g])
@@ -65,19 +65,35 @@ def no_fold_reconstruction_error(stats: GramStats) -> float:
     return float(sum(torch.trace(G) - 2 * torch.trace(C) + z for G, C, z in zip(stats.G, stats.C, stats.z)))
 
 
+class _SolveFailed(Exception):
+    """A held-out group's ridge solve failed (singular or non-finite): the λ scores NaN."""
+
+
 def cross_validated_loss(traj: Trajectory, position: int, stats: GramStats, lam: float) -> float:
     """Cross-validated mean next-token loss (nats/token) of folding ridge-``lam`` fits into kept layer ``position``
-    (module docstring); NaN when a group's solve fails."""
+    (module docstring); NaN when a group's solve fails.
+
+    Each group's fit is solved and folded only when the resumed forward reaches layer ``position``, and dropped after
+    it: one folded ``down_proj`` and one ``T`` are alive at a time, not one per group.
+    """
     engine = traj.engine
     orig = traj.view.kept[position]
     G, C = stats.total()
-    candidates = []
-    for g, members in enumerate(traj.windows.group_batches()):
-        T = _solve(G - stats.G[g], C - stats.C[g], lam)
-        if T is None:
-            return math.nan
-        candidates.append(Candidate(position, overrides=fold_overrides(engine, traj.view, orig, T), batches=members))
-    losses = traj.candidate_losses(candidates, desc=f"stage 2 ridge {lam:g}")
+
+    def held_out_fold(g: int):
+        def overrides() -> dict:
+            T = _solve(G - stats.G[g], C - stats.C[g], lam, overwrite=True)
+            if T is None:
+                raise _SolveFailed(g)
+            return fold_overrides(engine, traj.view, orig, T)
+        return overrides
+
+    candidates = [Candidate(position, overrides=held_out_fold(g), batches=members)
+                  for g, members in enumerate(traj.windows.group_batches())]
+    try:
+        losses = traj.candidate_losses(candidates, desc=f"stage 2 ridge {lam:g}")
+    except _SolveFailed:  # every rank holds the same all-reduced statistics, so every rank fails alike
+        return math.nan
     total = sum(t for t, _ in losses)
     count = sum(c for _, c in losses)
     return total / max(count, 1)

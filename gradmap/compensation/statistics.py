@@ -23,7 +23,7 @@ of windows, and all-reduced over ranks. For families with a normalisation after 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -95,10 +95,18 @@ class GramStats:
     C: list[torch.Tensor]
     tokens: int
     z: list[float]
+    _total: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def total(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(Σ_g G[g], Σ_g C[g])``: the statistics of all windows."""
-        return torch.stack(self.G).sum(0), torch.stack(self.C).sum(0)
+        """``(Σ_g G[g], Σ_g C[g])``: the statistics of all windows (summed in place once, then cached: callers must
+        not modify them)."""
+        if self._total is None:
+            G, C = self.G[0].clone(), self.C[0].clone()
+            for g in range(1, len(self.G)):
+                G.add_(self.G[g])
+                C.add_(self.C[g])
+            self._total = (G, C)
+        return self._total
 
 
 def gram_statistics(traj: Trajectory, dense: Trajectory, position: int, *, skip_first: int = SKIP_FIRST
@@ -124,8 +132,9 @@ def gram_statistics(traj: Trajectory, dense: Trajectory, position: int, *, skip_
     aligned = aligned_dense_layer(kept, position, dense.n)
     groups = traj.windows.group_batches()
     d = engine.config.hidden_size
-    G = [torch.zeros(d, d, dtype=torch.float64, device=engine.device) for _ in groups]
-    C = [torch.zeros(d, d, dtype=torch.float64, device=engine.device) for _ in groups]
+    # one buffer for every group's G and C: accumulated in place, all-reduced in place (no stacked copy)
+    flat = torch.zeros(2 * len(groups), d, d, dtype=torch.float64, device=engine.device)
+    G, C = list(flat[:len(groups)]), list(flat[len(groups):])
     tokens = torch.zeros(1 + len(groups), dtype=torch.float64)  # tokens, then z per group
     traj.forward(upto=position)
     got: dict = {}
@@ -161,13 +170,12 @@ def gram_statistics(traj: Trajectory, dense: Trajectory, position: int, *, skip_
             gram_accumulate_(G[g], C[g], m, target)
             tokens[0] += int(real.sum())
             tokens[1 + g] += float(target.square().sum())
-    flat = torch.stack(G + C)
     engine.all_reduce_(flat)
     engine.all_reduce_(tokens)
     if not torch.isfinite(flat).all():
         raise ValueError(f"stage 2: the Gram matrix of layer {orig} holds NaN/inf: the activations overflowed "
                          "(float16?); rerun with dtype bfloat16 or float32, or --compensate none")
-    return GramStats(list(flat[:len(groups)]), list(flat[len(groups):]), int(tokens[0]), tokens[1:].tolist())
+    return GramStats(G, C, int(tokens[0]), tokens[1:].tolist())
 
 
 class _Remove:

@@ -87,12 +87,15 @@ class Candidate:
         position: the first position that differs.
         skip: the layer at ``position`` does not run (leave-one-out).
         overrides, patches: parameter overrides / submodule patches of the layer at ``position`` (added to the view's).
+            ``overrides`` may also be a zero-argument callable returning them: it is called when the forward reaches
+            ``position`` and its result dropped after the layer ran (so candidates do not all hold their tensors at
+            once); an exception it raises propagates out of :meth:`Trajectory.candidate_losses`.
         batches: global micro-batch indices the loss is computed on (``None``: all).
     """
 
     position: int
     skip: bool = False
-    overrides: dict[str, torch.Tensor] | None = None
+    overrides: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]] | None = None
     patches: dict[str, nn.Module] | None = None
     batches: frozenset[int] | None = None
 
@@ -721,9 +724,11 @@ class Trajectory:
                         for k in mine[i]:
                             streams[i][k] = run(streams[i][k], self.inputs(k))
             for i, c in changed:
-                with engine.layer(orig, self.view, overrides=c.overrides, patches=c.patches) as run, torch.no_grad():
+                overrides = c.overrides() if callable(c.overrides) else c.overrides
+                with engine.layer(orig, self.view, overrides=overrides, patches=c.patches) as run, torch.no_grad():
                     for k in mine[i]:
                         streams[i][k] = run(streams[i][k], self.inputs(k))
+                del overrides
         out = []
         with engine.weights.use(OUTER), torch.no_grad():
             for i, c in group:
