@@ -23,7 +23,7 @@ of windows, and all-reduced over ranks. For families with a normalisation after 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -89,12 +89,14 @@ def mean_shifts(traj: Trajectory, dense: Trajectory) -> tuple[list[float], list[
 @dataclass
 class GramStats:
     """Per-group Gram statistics of one kept layer: ``G[g] = MᵀM``, ``C[g] = MᵀZ`` (fp64 ``[d, d]`` on the device)
-    and ``z[g] = ‖Z‖²`` (fp64 float) over the windows of group ``g``, all ranks; and the real tokens that fed them."""
+    and ``z[g] = ‖Z‖²`` (fp64 float) over the windows of group ``g``, all ranks; the real tokens that fed them
+    (``tokens``) and their split by group (``group_tokens``; empty when unknown)."""
 
     G: list[torch.Tensor]
     C: list[torch.Tensor]
     tokens: int
     z: list[float]
+    group_tokens: list[int] = field(default_factory=list)
 
     def total(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(Σ_g G[g], Σ_g C[g])``: the statistics of all windows."""
@@ -126,7 +128,7 @@ def gram_statistics(traj: Trajectory, dense: Trajectory, position: int, *, skip_
     d = engine.config.hidden_size
     G = [torch.zeros(d, d, dtype=torch.float64, device=engine.device) for _ in groups]
     C = [torch.zeros(d, d, dtype=torch.float64, device=engine.device) for _ in groups]
-    tokens = torch.zeros(1 + len(groups), dtype=torch.float64)  # tokens, then z per group
+    tokens = torch.zeros(1 + 2 * len(groups), dtype=torch.float64)  # tokens, z per group, tokens per group
     traj.forward(upto=position)
     got: dict = {}
 
@@ -161,13 +163,16 @@ def gram_statistics(traj: Trajectory, dense: Trajectory, position: int, *, skip_
             gram_accumulate_(G[g], C[g], m, target)
             tokens[0] += int(real.sum())
             tokens[1 + g] += float(target.square().sum())
+            tokens[1 + len(groups) + g] += int(real.sum())
     flat = torch.stack(G + C)
     engine.all_reduce_(flat)
     engine.all_reduce_(tokens)
     if not torch.isfinite(flat).all():
         raise ValueError(f"stage 2: the Gram matrix of layer {orig} holds NaN/inf: the activations overflowed "
                          "(float16?); rerun with dtype bfloat16 or float32, or --compensate none")
-    return GramStats(list(flat[:len(groups)]), list(flat[len(groups):]), int(tokens[0]), tokens[1:].tolist())
+    n = len(groups)
+    return GramStats(list(flat[:n]), list(flat[n:]), int(tokens[0]), tokens[1:1 + n].tolist(),
+                     [int(t) for t in tokens[1 + n:].tolist()])
 
 
 class _Remove:
