@@ -229,6 +229,9 @@ def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, meth
     check_metric(metric)
     check_compensation(compensate_mode)
     check_backend(backend)
+    if compensate_mode == "trained" and ridge is not None:
+        raise ValueError("ridge: applies to the closed-form stage 2; compensate 'trained' trains its projection "
+                         "(gradmap.compensation.trained)")
     if resume is not None and method != "gradmap":
         raise ValueError(f"resume: only method 'gradmap' records resumable decisions, got method {method!r}")
     if isinstance(verify_top, bool) or not isinstance(verify_top, int) or verify_top < 0:

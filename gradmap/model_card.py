@@ -53,6 +53,9 @@ COMPENSATIONS = {
                  "the kept layer whose hidden states drift most from the dense model",
     "every-gap": "GradMAP stage 2 (arXiv 2602.14649, Sec. 3), applied at every removed gap: a closed-form projection "
                  "folded into the down_proj of the kept layer before each gap (ridge chosen by cross-validation)",
+    "trained": "GradMAP stage 2 as the paper describes it (arXiv 2602.14649, Sec. 3): a projection trained by Adam on "
+               "the hidden-state MSE with a ridge, folded into the down_proj of the kept layer whose hidden states "
+               "drift most from the dense model",
     "replaceme": "ReplaceMe's linear transform (Shopkhoev et al., arXiv 2505.02819, Eq. 4) folded into down_proj at "
                  "every removed gap",
 }

@@ -19,9 +19,10 @@ METHODS = ("gradmap", "shortgpt", "gromov", "taylor-plus", "ppl", "sleb", "block
 WEIGHT_METRICS = ("grad_l1", "grad_l2", "taylor")
 HIDDEN_METRICS = ("taylor_hidden", "grad_update_norm")
 METRICS = WEIGHT_METRICS + ("gate",) + HIDDEN_METRICS
-STAGE2_MODES = ("none", "max-shift", "every-gap")
+STAGE2_MODES = ("none", "max-shift", "every-gap", "trained")
 COMPENSATIONS = STAGE2_MODES + ("replaceme",)
 BACKENDS = ("hooks", "fused")
+FITS = ("ridge", "trained")
 
 DEFAULT_METHOD = "gradmap"
 DEFAULT_METRIC = "grad_update_norm"
@@ -47,6 +48,11 @@ def check_metric(metric: str) -> str:
 def check_compensation(mode: str) -> str:
     """Return ``mode`` if it is one of :data:`COMPENSATIONS`; else raise ``ValueError`` naming them."""
     return _check(mode, COMPENSATIONS, "compensate")
+
+
+def check_fit(fit: str) -> str:
+    """Return ``fit`` if it is one of :data:`FITS`; else raise ``ValueError`` naming them."""
+    return _check(fit, FITS, "fit")
 
 
 def check_backend(backend: str) -> str:

@@ -13,6 +13,7 @@ from gradmap.adapters import get_adapter
 from gradmap.compensation import (aligned_dense_layer, compensate, gap_positions, gram_statistics,
                                   mean_shifts)
 from gradmap.compensation.cross_validation import RIDGE_LIMITS, VERIFY, reconstruction_error, search_ridges
+from gradmap.compensation.trained import CHECKPOINTS, objective, train_projection
 from gradmap.data import Calibration
 from gradmap.engine import Engine, Windows
 from gradmap.projection import solve_ridge
@@ -151,7 +152,7 @@ def test_harmful_fold_is_skipped(monkeypatch):
 def test_mode_none_and_errors():
     with stage2(random_calibration(), groups=1) as (model, engine, traj, dense):
         assert compensate(traj, dense, mode="none").fits == []
-        with pytest.raises(ValueError, match="compensate: 'all' is not one of none, max-shift, every-gap"):
+        with pytest.raises(ValueError, match="compensate: 'all' is not one of none, max-shift, every-gap, trained"):
             compensate(traj, dense, mode="all")
         with pytest.raises(ValueError, match="at least 2 cross-validation groups"):
             compensate(traj, dense, mode="every-gap")
@@ -259,3 +260,99 @@ def test_sandwich_norm_family_compensates_through_the_engine():
             assert f.loss_after <= f.loss_before
             if f.applied:  # the CV loss of the chosen fold is what the folded model really gives on the groups
                 assert f.loss_after < f.loss_before
+
+
+def test_trained_projection_first_adam_step_and_convergence_to_the_closed_form():
+    """Adam's first step from T = I moves every entry by lr·g/(|g| + ε) (≈ lr against the sign) of the exact gradient
+    g = 2((G+αI)T − C − αI)/N (arXiv 1412.6980, Algorithm 1: m̂ = g, v̂ = g²); many small steps reach the ridge minimiser of the same
+    objective, solve_ridge(G, C, λ, prior="identity") (the closed form is the oracle)."""
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(300, 6, dtype=torch.float64, generator=gen) * 3.0
+    Z = M @ (torch.eye(6, dtype=torch.float64) + 0.2 * torch.randn(6, 6, dtype=torch.float64, generator=gen))
+    Z += 0.05 * torch.randn(300, 6, dtype=torch.float64, generator=gen)
+    G, C = M.T @ M, M.T @ Z
+    lam = 0.05
+    alpha = lam * float(torch.diagonal(G).mean())
+    eye = torch.eye(6, dtype=torch.float64)
+    grad = 2 * ((G + alpha * eye) @ eye - C - alpha * eye) / 300
+    first = train_projection(G, C, 300, steps=1, lr=0.01, ridge=lam)[1]
+    torch.testing.assert_close(first, eye - 0.01 * grad / (grad.abs() + 1e-8), rtol=0, atol=1e-12)
+    assert float((first - eye).abs().max()) == pytest.approx(0.01, rel=1e-5)  # ≈ lr · sign(gradient)
+    out = train_projection(G, C, 300, steps=4000, lr=2e-3, ridge=lam, checkpoints=(10, 100))
+    assert set(out) == {10, 100, 4000}
+    closed = solve_ridge(G, C, lam, prior="identity")
+    torch.testing.assert_close(out[4000], closed, rtol=0, atol=5e-3)
+    z = float(Z.square().sum())
+    # the objective falls along the way and ends at the closed form's value
+    values = [objective(G, C, z, 300, out[k], lam) for k in (10, 100, 4000)]
+    assert values[0] > values[1] > values[2]
+    assert values[2] == pytest.approx(objective(G, C, z, 300, closed, lam), rel=1e-4)
+    assert objective(G, C, z, 300, closed, lam) == pytest.approx(
+        (float((M @ closed - Z).square().sum()) + alpha * float((closed - eye).square().sum())) / 300, rel=1e-10)
+
+
+def test_trained_projection_rejects_bad_input():
+    G = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="tokens: must be > 0"):
+        train_projection(G, G, 0)
+    with pytest.raises(ValueError, match="steps: must be an integer >= 1"):
+        train_projection(G, G, 5, steps=0)
+    with pytest.raises(ValueError, match="G, C: need two"):
+        train_projection(G, torch.eye(2, dtype=torch.float64), 5)
+    with pytest.raises(ValueError, match="checkpoints"):
+        train_projection(G, G, 5, steps=10, checkpoints=(20,))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        train_projection(G * float("nan"), G, 5)
+
+
+def test_compensate_trained_is_the_max_shift_layer_with_an_adam_fit():
+    """Mode ``trained``: the fold sits at the kept layer of largest mean shift, its step count is a checkpoint chosen
+    by cross-validation, its CV loss beats "no fold", and the applied down_proj is the fold of train_projection on
+    all windows' statistics, recomputed here on a materialised copy."""
+    cal = random_calibration(nsamples=8, seqlen=16, seed=5)
+    with stage2(cal, drop=(1, 4)) as (model, engine, traj, dense):
+        shifts, _ = mean_shifts(traj, dense)
+        position = max(range(4), key=lambda p: shifts[p])
+        stats = gram_statistics(traj, dense, position)  # what the fit sees (no fold applied before it)
+        result = compensate(traj, dense, mode="trained")
+        (fit,) = result.fits
+        overrides = engine.view.overrides.get(fit.layer)
+    assert fit.layer == [0, 2, 3, 5][position]
+    assert result.mode == "trained" and result.fit == "trained"
+    assert fit.layer == max(result.shifts, key=result.shifts.get)
+    assert set(fit.reconstruction) == {"none"} | {f"{c} steps" for c in CHECKPOINTS}
+    assert fit.loss_after <= fit.loss_before
+    if fit.applied:
+        assert fit.steps in CHECKPOINTS and fit.candidates[f"{fit.steps} steps"] == fit.loss_after < fit.loss_before
+        G, C = stats.total()
+        T = train_projection(G, C, stats.tokens, steps=fit.steps)[fit.steps]
+        manual = pruned_copy(model, (1, 4))
+        adapter = get_adapter(manual)
+        layer = adapter.layers(manual)[position]
+        adapter.fold_into_mlp_out_(layer, T)
+        torch.testing.assert_close(overrides["mlp.down_proj.weight"], adapter.down_proj(layer).weight, rtol=0,
+                                   atol=1e-5)
+    else:
+        assert overrides is None and fit.steps is None
+
+
+def test_trained_fit_errors():
+    with stage2(random_calibration(), groups=2) as (model, engine, traj, dense):
+        with pytest.raises(ValueError, match="ridge: applies to the closed-form fit"):
+            compensate(traj, dense, mode="trained", ridge=0.1)
+        with pytest.raises(ValueError, match="fit: 'adam' is not one of ridge, trained"):
+            compensate(traj, dense, mode="every-gap", fit="adam")
+        with pytest.raises(ValueError, match="fit: ReplaceMe is its own"):
+            compensate(traj, dense, mode="replaceme", fit="trained")
+
+
+def test_trained_fit_applies_at_every_gap():
+    """fit="trained" with every-gap trains a projection at EACH gap (a regression test: the loop once rebound the
+    ``fit`` argument to the first gap's LayerFit, so later gaps fell back to the closed form)."""
+    cal = random_calibration(nsamples=8, seqlen=16, seed=5)
+    with stage2(cal, drop=(1, 4)) as (model, engine, traj, dense):
+        result = compensate(traj, dense, mode="every-gap", fit="trained")
+    assert [f.layer for f in result.fits] == [0, 3]
+    for f in result.fits:
+        assert set(f.reconstruction) == {"none"} | {f"{c} steps" for c in CHECKPOINTS}, f.layer
+        assert (f.steps in CHECKPOINTS) == f.applied

@@ -30,6 +30,7 @@ from ..engine import Candidate, Trajectory
 from ..projection import solve_ridge
 from .fit import Spectrum, conditioned_ridge, fold_overrides
 from .statistics import GramStats
+from .trained import CHECKPOINTS, train_projection
 
 #: Relative ridges scored by reconstruction error (extended past an end when the best sits there).
 RIDGE_GRID = tuple(10.0 ** e for e in range(-4, 5))
@@ -94,6 +95,20 @@ def cross_validated_loss(traj: Trajectory, position: int, stats: GramStats, lam:
         losses = traj.candidate_losses(candidates, desc=f"stage 2 ridge {lam:g}")
     except _SolveFailed:  # every rank holds the same all-reduced statistics, so every rank fails alike
         return math.nan
+    total = sum(t for t, _ in losses)
+    count = sum(c for _, c in losses)
+    return total / max(count, 1)
+
+
+def held_out_loss(traj: Trajectory, position: int, fits: list[torch.Tensor], *, desc: str = "stage 2") -> float:
+    """Mean next-token loss (nats/token) over all windows when group ``g``'s windows run with ``fits[g]`` (a ``[d, d]``
+    T fitted WITHOUT group ``g``) folded into kept layer ``position``: one engine sweep resumed at that layer."""
+    engine = traj.engine
+    orig = traj.view.kept[position]
+    candidates = [Candidate(position, overrides=lambda T=T: fold_overrides(engine, traj.view, orig, T),
+                            batches=members)  # folded when the forward reaches the layer (one at a time)
+                  for T, members in zip(fits, traj.windows.group_batches())]
+    losses = traj.candidate_losses(candidates, desc=desc)
     total = sum(t for t, _ in losses)
     count = sum(c for _, c in losses)
     return total / max(count, 1)
@@ -182,4 +197,50 @@ def final_fold(traj: Trajectory, position: int, stats: GramStats, lam: float) ->
     T = _solve(G, C, lam)
     if T is None:
         return None
+    return fold_overrides(traj.engine, traj.view, traj.view.kept[position], T)
+
+
+def _reconstruction_of(stats: GramStats, g: int, T: torch.Tensor) -> float:
+    """Reconstruction error ``‖M_g T − Z_g‖²`` of group ``g`` from its statistics (module docstring)."""
+    return float((stats.G[g] @ T * T).sum() - 2 * (T * stats.C[g]).sum() + stats.z[g])
+
+
+def choose_trained(traj: Trajectory, position: int, stats: GramStats, base_loss: float, *,
+                   checkpoints: tuple[int, ...] = CHECKPOINTS, verify: int = VERIFY) -> dict:
+    """The trained projection's step count at kept layer ``position`` (:mod:`.trained`), or ``None`` when no
+    trained fold beats "no fold".
+
+    Each group's T is trained on the other groups' statistics (Adam from the identity, :func:`.trained.
+    train_projection`), its checkpoints scored by the cross-validated reconstruction error; the ``verify`` best step
+    counts are then scored by the cross-validated loss (one resumed sweep each) against ``base_loss``.
+
+    Returns:
+        ``{"steps": step count or None, "loss", "losses": {"none" and each verified count: loss},
+        "reconstruction": {"none" and every checkpoint: E}, "notes": []}``.
+    """
+    G, C = stats.total()
+    counts = tuple(sorted(set(checkpoints)))
+    per_group = []
+    for g in range(len(stats.G)):
+        tokens = max(stats.tokens - stats.group_tokens[g], 1) if stats.group_tokens else stats.tokens
+        per_group.append(train_projection(G - stats.G[g], C - stats.C[g], tokens, steps=max(counts),
+                                          checkpoints=counts))
+    errors = {c: sum(_reconstruction_of(stats, g, fits[c]) for g, fits in enumerate(per_group)) for c in counts}
+    ranked = sorted((v, c) for c, v in errors.items() if math.isfinite(v))
+    losses: dict[str, float] = {"none": base_loss}
+    best: tuple[int | None, float] = (None, base_loss)
+    for _, c in ranked[:verify]:
+        loss = held_out_loss(traj, position, [fits[c] for fits in per_group], desc=f"stage 2 trained {c} steps")
+        losses[f"{c} steps"] = loss
+        if loss < best[1]:
+            best = (c, loss)
+    return {"steps": best[0], "loss": best[1], "losses": losses, "notes": [],
+            "reconstruction": {"none": no_fold_reconstruction_error(stats),
+                               **{f"{c} steps": v for c, v in errors.items()}}}
+
+
+def final_trained_fold(traj: Trajectory, position: int, stats: GramStats, steps: int) -> dict:
+    """The overrides of the projection trained for ``steps`` Adam steps on ALL windows (:mod:`.trained`)."""
+    G, C = stats.total()
+    T = train_projection(G, C, stats.tokens, steps=steps)[steps]
     return fold_overrides(traj.engine, traj.view, traj.view.kept[position], T)

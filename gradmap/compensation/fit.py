@@ -122,6 +122,7 @@ class LayerFit:
     seconds: float
     note: str = ""
     reconstruction: dict[str, float] = field(default_factory=dict)
+    steps: int | None = None
 
 
 @dataclass
@@ -130,6 +131,7 @@ class CompensationResult:
     forward-equivalent passes it cost."""
 
     mode: str
+    fit: str = "ridge"
     shifts: dict[int, float] = field(default_factory=dict)
     relative_shifts: dict[int, float] = field(default_factory=dict)
     fits: list[LayerFit] = field(default_factory=list)

@@ -89,12 +89,14 @@ def mean_shifts(traj: Trajectory, dense: Trajectory) -> tuple[list[float], list[
 @dataclass
 class GramStats:
     """Per-group Gram statistics of one kept layer: ``G[g] = MᵀM``, ``C[g] = MᵀZ`` (fp64 ``[d, d]`` on the device)
-    and ``z[g] = ‖Z‖²`` (fp64 float) over the windows of group ``g``, all ranks; and the real tokens that fed them."""
+    and ``z[g] = ‖Z‖²`` (fp64 float) over the windows of group ``g``, all ranks; the real tokens that fed them
+    (``tokens``) and their split by group (``group_tokens``; empty when unknown)."""
 
     G: list[torch.Tensor]
     C: list[torch.Tensor]
     tokens: int
     z: list[float]
+    group_tokens: list[int] = field(default_factory=list)
     _total: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def total(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +137,7 @@ def gram_statistics(traj: Trajectory, dense: Trajectory, position: int, *, skip_
     # one buffer for every group's G and C: accumulated in place, all-reduced in place (no stacked copy)
     flat = torch.zeros(2 * len(groups), d, d, dtype=torch.float64, device=engine.device)
     G, C = list(flat[:len(groups)]), list(flat[len(groups):])
-    tokens = torch.zeros(1 + len(groups), dtype=torch.float64)  # tokens, then z per group
+    tokens = torch.zeros(1 + 2 * len(groups), dtype=torch.float64)  # tokens, z per group, tokens per group
     traj.forward(upto=position)
     got: dict = {}
 
@@ -170,12 +172,14 @@ def gram_statistics(traj: Trajectory, dense: Trajectory, position: int, *, skip_
             gram_accumulate_(G[g], C[g], m, target)
             tokens[0] += int(real.sum())
             tokens[1 + g] += float(target.square().sum())
+            tokens[1 + len(groups) + g] += int(real.sum())
     engine.all_reduce_(flat)
     engine.all_reduce_(tokens)
     if not torch.isfinite(flat).all():
         raise ValueError(f"stage 2: the Gram matrix of layer {orig} holds NaN/inf: the activations overflowed "
                          "(float16?); rerun with dtype bfloat16 or float32, or --compensate none")
-    return GramStats(G, C, int(tokens[0]), tokens[1:].tolist())
+    n = len(groups)
+    return GramStats(G, C, int(tokens[0]), tokens[1:1 + n].tolist(), [int(t) for t in tokens[1 + n:].tolist()])
 
 
 class _Remove:
