@@ -39,6 +39,7 @@ from .data import build_calibration, load_text, tokenize
 from .engine import Engine, ModelWeights, Windows, build_skeleton, init_from_environment, rank_device
 from .env import environment_report, format_report
 from .engine.memory import GiB, ModelShape, RunSettings, plan_run
+from .engine.allocator import return_large_blocks_to_os
 from .evaluation import perplexity
 from .export_gguf import export_gguf, roundtrip_check
 from .methods.metrics import layer_scores
@@ -259,6 +260,7 @@ def _bf16_hardware() -> bool:
 
 def _setup(args) -> None:
     check_threads(args.threads)
+    return_large_blocks_to_os()  # freed layers and Gram matrices go back to the system (gradmap.engine.allocator)
     if getattr(args, "device", None) is not None:
         if args.device == "auto":
             args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -285,7 +285,7 @@ def test_prune_replaceme_compensation_and_bad_method():
     assert [f.layer for f in result.compensation.fits] == [result.removed[0] - 1] or result.removed[0] == 0
     with pytest.raises(ValueError, match="method: 'magic' is not one of gradmap, shortgpt"):
         prune(model, cal, num_layers=1, method="magic")
-    with pytest.raises(ValueError, match="compensate: 'x' is not one of none, max-shift, every-gap, replaceme"):
+    with pytest.raises(ValueError, match="compensate: 'x' is not one of none, max-shift, every-gap, trained, replaceme"):
         prune(model, cal, num_layers=1, compensate_mode="x")
     args = build_parser().parse_args(["prune", "--ratio", "0.25", "--method", "sleb", "--compensate", "replaceme",
                                       "--output", "x"])

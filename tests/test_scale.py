@@ -115,13 +115,17 @@ def test_plan_sizes_by_hand():
     assert plan.boundary_states == 5 * state + 5 * state  # every boundary h_0..h_4, and the dense copy of them
     assert plan.stride == 1 and plan.host_states == 0
     assert plan.gradients == 2 * state
-    assert plan.gram == (2 * 5 + 2) * 64 * 64 * 8
+    assert plan.gram == (2 * 4 + 6) * 64 * 64 * 8  # 4 groups' G and C, their totals, 4 solve temporaries
     assert plan.lm_head == 16 * 1000 * 4 + 16 * 64 * 4 * 2  # fp32 logits chunk (gradient in place), rows + grads
-    bt = 4 * 32
+    bt = 2 * 32  # micro-batch 4, but 8 windows in 4 cross-validation groups: 2 windows per micro-batch
     assert plan.activations_forward == bt * (4 * 64 + 3 * 128) * 4
-    per_layer = bt * (16 * 64 + 6 * 128) * 4
-    # resident: one micro-batch's graph through every layer, i.e. the backward of layer 1..3 held besides layer 0's
-    assert plan.keep_graph and plan.activations_backward == per_layer + 3 * per_layer
+    saved = 9 * 64 + 4 * 128 + 2 * 16 + 4  # per token: 9h + 4f + 2·head_dim + heads (measured on SDPA Llama layers)
+    per_layer = bt * (saved + 3 * 64 + 2 * 128) * 4  # saved tensors + the backward's transients
+    # resident: one micro-batch's graph through every layer, i.e. layers 1..3's saved tensors held besides layer 0's
+    assert plan.keep_graph and plan.activations_backward == per_layer + 3 * bt * saved * 4
+    selection = 2 * state + plan.activations_backward + plan.lm_head + 4 * 4
+    stage2 = plan.gram + 64 * 128 * 4 + plan.activations_forward + plan.lm_head
+    assert plan.peak_device == plan.weights_total + plan.boundary_states + max(selection, stage2)
     # a cap of the outer unit + 2 layers + 1 more layer: one layer resident, three stream
     cap = (128064 + 3 * 41088) * 4
     capped = plan_run(shape, settings, device=torch.device("cpu"), dtype=torch.float32, max_memory=cap)

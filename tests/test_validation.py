@@ -382,7 +382,7 @@ def test_resume_only_for_gradmap_method(tmp_path, dirs):
 def test_replaceme_compensation_passes_the_plan_check():
     limits = ModelLimits("llama", 6, 128)
     assert check_prune_plan(limits, num_layers=2, nsamples=4, compensate="replaceme") == 2
-    with pytest.raises(ValueError, match="compensate: 'nope' is not one of none, max-shift, every-gap, replaceme"):
+    with pytest.raises(ValueError, match="compensate: 'nope' is not one of none, max-shift, every-gap, trained, replaceme"):
         check_prune_plan(limits, num_layers=2, compensate="nope")
 
 

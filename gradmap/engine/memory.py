@@ -7,17 +7,20 @@ estimates, per device (the compute device, and the host):
   compute dtype, counted exactly from a meta-device skeleton of the model; the units that fit the budget are
   resident, the others stream (read from the checkpoint while in use; at most two streamed layers in memory: the one
   in use and the next);
-* **activations** of one micro-batch through one decoder layer: the forward transients, and the recomputed forward
-  with grad plus its backward in the reverse sweep (saved tensors ≈ ``(16·hidden + 6·ffn)·itemsize`` per token for a
-  gated MLP, ``(16·hidden + 4·ffn)`` otherwise, plus ``heads·seqlen²·4`` bytes per window when attention is eager);
-  a resident run keeps one micro-batch's graph through every layer instead (``L`` times that, no recomputation)
-  when the budget allows it;
+* **activations** of one micro-batch through one decoder layer: the forward transients (``(4·hidden + 3·ffn)`` per
+  token, ``2·ffn`` without a gate), and the recomputed forward with grad plus its backward in the reverse sweep: the
+  saved tensors (:func:`saved_tensor_floats`, measured) plus the backward's transients (``3·hidden + 2·ffn``); a
+  resident run keeps one micro-batch's graph through every layer instead (``L`` layers' saved tensors, no
+  recomputation) when the budget allows it. A micro-batch never straddles two cross-validation groups, so with stage
+  2 on it holds at most ``ceil(windows / folds)`` windows (:func:`effective_micro_batch`);
 * **boundary states**: ``(L + 1)`` hidden states of every calibration token of this rank (``tokens·hidden·itemsize``
   each), twice when stage 2 keeps the dense trajectory; on the device while they fit, the rest in pinned host memory,
   and when the host cannot hold them either, only every ``stride``-th boundary (checkpointing);
 * **hidden-state gradients**: two sets of ``tokens·hidden·itemsize`` during the backward;
 * **LM head**: one chunk of fp32 logits and their gradient (``chunk·vocab·4·2``) plus the rows' gradient;
-* **Gram matrices** (stage 2): ``2·(folds + 1)`` fp64 ``hidden × hidden`` matrices and one eigendecomposition;
+* **stage 2**: ``2·folds + 6`` fp64 ``hidden × hidden`` matrices (every group's Gram matrix and cross term, their
+  totals, the solve's temporaries), one folded ``down_proj`` and a forward's transients; stage 2 runs after the
+  selection, so the working set is the larger of the two phases, not their sum;
 * **score buffers**: one fp32 per layer (negligible, listed for completeness).
 
 The weight bytes moved per decision are the streamed units' bytes times the sweeps a decision makes over them (a
@@ -105,6 +108,7 @@ class ModelShape:
     outer_params: int
     gated: bool = True
     eager_attention: bool = False
+    head_dim: int = 0  # 0: hidden // heads
 
     @classmethod
     def from_model(cls, model) -> "ModelShape":
@@ -123,7 +127,9 @@ class ModelShape:
                    vocab=int(text.vocab_size), layer_params=[sum(p.numel() for p in layer.parameters())
                                                                for layer in layers],
                    outer_params=outer, gated=any(n.endswith("gate_proj") or n.endswith("gate_up_proj") for n in names),
-                   eager_attention=getattr(cfg, "_attn_implementation", None) == "eager")
+                   eager_attention=getattr(cfg, "_attn_implementation", None) == "eager",
+                   head_dim=int(getattr(text, "head_dim", None) or text.hidden_size
+                                // int(getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1))))
 
 
 @dataclass
@@ -182,12 +188,32 @@ class MemoryPlan:
         return d
 
 
+def effective_micro_batch(settings: RunSettings) -> int:
+    """Windows per micro-batch as the engine really forms them: at most ``micro_batch``, and no micro-batch straddles
+    two cross-validation groups (:class:`gradmap.engine.Windows`), so with stage 2 on it is at most
+    ``ceil(windows of this rank / folds)``."""
+    per_rank = math.ceil(settings.nsamples / settings.world_size)
+    groups = settings.folds if settings.compensate else 1
+    return max(1, min(settings.micro_batch, math.ceil(per_rank / max(groups, 1))))
+
+
+def saved_tensor_floats(shape: ModelShape, seqlen: int) -> int:
+    """Elements autograd saves per token for one decoder layer's backward (parameters excluded), measured with
+    ``torch.autograd.graph.saved_tensors_hooks`` on Llama-shaped layers (SDPA attention, CPU):
+    ``9·hidden + 4·ffn + 2·head_dim + heads`` for a gated MLP (``2·ffn`` without a gate), plus ``heads·seqlen`` for
+    eager attention's probabilities."""
+    head_dim = shape.head_dim or shape.hidden // max(shape.heads, 1)
+    floats = 9 * shape.hidden + (4 if shape.gated else 2) * shape.ffn + 2 * head_dim + shape.heads
+    return floats + (shape.heads * seqlen if shape.eager_attention else 0)
+
+
 def _activation_bytes(shape: ModelShape, settings: RunSettings, itemsize: int) -> tuple[int, int]:
-    bt = settings.micro_batch * settings.seqlen
-    attn = shape.heads * settings.seqlen ** 2 * 4 * settings.micro_batch if shape.eager_attention else 0
+    """(forward transient, one layer's backward: saved tensors + the backward's transients) for one micro-batch."""
+    bt = effective_micro_batch(settings) * settings.seqlen
+    attn = shape.heads * settings.seqlen * 4 * bt if shape.eager_attention else 0  # fp32 scores, one copy in flight
     forward = bt * (4 * shape.hidden + (3 if shape.gated else 2) * shape.ffn) * itemsize + attn
-    backward = bt * (16 * shape.hidden + (6 if shape.gated else 4) * shape.ffn) * itemsize + 2 * attn
-    return forward, backward
+    transient = bt * (3 * shape.hidden + 2 * shape.ffn) * itemsize + attn
+    return forward, bt * saved_tensor_floats(shape, settings.seqlen) * itemsize + transient
 
 
 def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, dtype: torch.dtype,
@@ -231,9 +257,13 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
     rows = settings.logits_chunk or default_chunk_size(shape.vocab, tokens, device=device, dtype=dtype)
     per_logit = 4 + (2 if device.type == "cuda" and dtype != torch.float32 else 0)
     head = rows * shape.vocab * per_logit + rows * shape.hidden * 4 * 2  # the chunk's logits (gradient in place)
-    gram = (2 * (settings.folds + 1) + 2) * shape.hidden ** 2 * 8 if settings.compensate else 0
+    # stage 2: every group's G and C (one fp64 buffer), their totals, and the solve's temporaries (G − G_g, C − C_g,
+    # the Cholesky factor, T); then one folded down_proj at a time (compensation.cross_validation)
+    gram = (2 * settings.folds + 6) * shape.hidden ** 2 * 8 if settings.compensate else 0
     scores = n * 4
-    fixed = gradients + max(fwd, bwd) + head + gram + scores
+    selection_set = gradients + bwd + head + scores
+    stage2_set = gram + shape.hidden * shape.ffn * item + fwd + head if settings.compensate else 0
+    fixed = max(selection_set, stage2_set)
 
     def boundary_bytes(stride: int) -> int:
         live = (math.ceil(n / stride) + 1) * state  # positions 0, stride, 2·stride, ... and the final one
@@ -291,18 +321,21 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
     mode = "resident" if not streamed else "streamed"
     # Resident runs keep one micro-batch's autograd graph through every layer in the backward (no recomputation,
     # Trajectory.backward's fast path) when the budget allows it; otherwise layer by layer.
-    graph = (n - 1) * bwd
+    graph = (n - 1) * effective_micro_batch(settings) * settings.seqlen * saved_tensor_floats(shape, settings.seqlen) \
+        * item  # the other layers' saved tensors
     keep_graph = mode == "resident" and (device.type == "cpu" or "device" not in budget
-                                         or used + fixed + graph + device_states <= budget["device"])
+                                         or used + max(selection_set + graph, stage2_set) + device_states
+                                         <= budget["device"])
+    fixed_before = fixed
     if keep_graph:
-        fixed += graph
+        fixed = max(selection_set + graph, stage2_set)
         bwd += graph
     sweeps = 2 + (1 if stride > 1 else 0)  # forward + backward (+ segment recompute)
     moved = sum(b for u, b in units if placement[u] != "device") * sweeps
     peak_device = used + slots + fixed + device_states
     peak_host = host_used + host_states if device.type == "cuda" else peak_device
     fits, advice = True, ""
-    fixed -= graph if keep_graph else 0
+    fixed = fixed_before
     least = max(outer_bytes, STREAM_SLOTS * largest)  # the weights a fully streamed run holds at once
     if device.type == "cuda" and "device" in budget and fixed + least > budget["device"]:
         fits = False
