@@ -30,9 +30,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from ..adapters import Adapter
 
@@ -109,9 +111,6 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 def build_skeleton(config) -> nn.Module:
     """The ``*ForCausalLM`` of ``config`` with every parameter on the meta device (buffers real, on CPU), tied
     embeddings tied: the frame :class:`ModelWeights` materialises units into. Costs no parameter memory."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config)
     if getattr(getattr(config, "get_text_config", lambda: config)(), "tie_word_embeddings", False):
