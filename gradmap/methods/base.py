@@ -112,6 +112,23 @@ def apply_removals(engine, selection: Selection, budget=None) -> Selection:
     return selection
 
 
+def commit_removal(engine, selection: Selection, victim: int, scores: dict[int, float], seconds: float,
+                   budget=None) -> bool:
+    """End one decision of an iterative method: ask ``budget`` (a :class:`gradmap.methods.budget.QualityBudget`)
+    whether ``victim`` (original index) may go; if not, record ``extra["stopped_by_budget"]`` (the decision's seconds
+    are reported apart) and return False. Otherwise remove it from the engine's live view, tell the budget, append it
+    and its :class:`Step` (``scores`` by original index, ``seconds`` wall time) to ``selection`` and return True."""
+    if budget is not None and not budget.allows(engine.view.kept.index(victim)):
+        selection.extra["stopped_by_budget"] = {"layer": victim, "seconds": seconds}
+        return False
+    engine.remove(victim)
+    if budget is not None:
+        budget.removed(victim)
+    selection.removed.append(victim)
+    selection.steps.append(Step(len(selection.steps) + 1, scores, victim, seconds))
+    return True
+
+
 class Timer:
     """``with Timer() as t: ...`` then ``t.seconds`` (wall time, seconds, ``time.perf_counter``)."""
 

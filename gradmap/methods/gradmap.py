@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 
 from ..engine import Candidate, Trajectory
-from .base import Selection, Step, Timer
+from .base import Selection, Step, Timer, commit_removal
 from .metrics import layer_scores
 
 logger = logging.getLogger(__name__)
@@ -74,16 +74,8 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
                 victim = min(nll, key=lambda o: (nll[o], by_orig[o]))
                 selection.extra.setdefault("verified", []).append({str(o): v for o, v in nll.items()})
             selection.passes += traj.passes(engine.work - work0)
-            refused = budget is not None and not budget.allows(kept.index(victim))
-            if not refused:
-                engine.remove(victim)
-        if refused:  # the quality budget stops the selection here; the decision's time is reported apart
-            selection.extra["stopped_by_budget"] = {"layer": victim, "seconds": t.seconds}
-            break
-        if budget is not None:
-            budget.removed(victim)
-        selection.removed.append(victim)
-        selection.steps.append(Step(len(selection.steps) + 1, by_orig, victim, t.seconds))
+        if not commit_removal(engine, selection, victim, by_orig, t.seconds, budget):
+            break  # the quality budget stops the selection here
         logger.info("step %d: removed layer %d (score %.4g) in %.1f s", len(selection.steps), victim,
                     by_orig[victim], t.seconds)
         if on_step is not None:

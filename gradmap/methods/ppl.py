@@ -18,7 +18,7 @@ import logging
 import math
 
 from ..engine import Candidate, Trajectory
-from .base import Selection, Step, Timer, apply_removals, one_shot_selection
+from .base import Selection, Timer, apply_removals, commit_removal, one_shot_selection
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +68,8 @@ def select_sleb(traj: Trajectory, target: int, *, protected=(), budget=None) -> 
             scores = {kept[p]: v for p, v in losses.items()}
             victim = min(scores, key=lambda k: (scores[k], k))
             selection.passes += traj.passes(engine.work - work0)
-            refused = budget is not None and not budget.allows(kept.index(victim))
-            if not refused:
-                engine.remove(victim)
-        if refused:  # the quality budget stops the selection here; the decision's time is reported apart
-            selection.extra["stopped_by_budget"] = {"layer": victim, "seconds": t.seconds}
-            break
-        if budget is not None:
-            budget.removed(victim)
-        selection.removed.append(victim)
-        selection.steps.append(Step(step + 1, scores, victim, t.seconds))
+        if not commit_removal(engine, selection, victim, scores, t.seconds, budget):
+            break  # the quality budget stops the selection here
         logger.info("sleb step %d: removed layer %d (NLL %.4f) in %.1f s", step + 1, victim, scores[victim],
                     t.seconds)
     return selection
