@@ -47,30 +47,27 @@ def remove_layers(model: nn.Module, positions: Iterable[int], adapter: Adapter |
     for new_idx, layer in enumerate(new_layers):
         adapter.set_layer_idx(layer, new_idx)
     adapter.set_layers(model, new_layers)
-    config = model.config
+    _trim_config_(model.config, keep, n, adapter)
+
+
+def _trim_config_(config, kept: list[int], n: int, adapter: Adapter) -> None:
+    """In place: per-layer lists of length ``n`` (``layer_types``, ...) keep the entries ``kept``;
+    ``num_hidden_layers`` (and a text config's) becomes ``len(kept)``."""
     for name in adapter.per_layer_config_fields:
         value = getattr(config, name, None)
         if isinstance(value, (list, tuple)) and len(value) == n:
-            setattr(config, name, type(value)(value[i] for i in keep))
-    config.num_hidden_layers = len(keep)
+            setattr(config, name, type(value)(value[i] for i in kept))
+    config.num_hidden_layers = len(kept)
     text_config = getattr(config, "text_config", None)
     if text_config is not None and text_config is not config and hasattr(text_config, "num_hidden_layers"):
-        text_config.num_hidden_layers = len(keep)
+        text_config.num_hidden_layers = len(kept)
 
 
 def trim_config(config, kept: list[int], adapter: Adapter):
     """A copy of ``config`` for the model that keeps the dense layers ``kept`` (original indices, in order):
     ``num_hidden_layers`` (and a text config's) set, per-layer lists (``layer_types``, ...) trimmed in step."""
     new = copy.deepcopy(config)
-    n = config.num_hidden_layers
-    for name in adapter.per_layer_config_fields:
-        value = getattr(new, name, None)
-        if isinstance(value, (list, tuple)) and len(value) == n:
-            setattr(new, name, type(value)(value[i] for i in kept))
-    new.num_hidden_layers = len(kept)
-    text_config = getattr(new, "text_config", None)
-    if text_config is not None and text_config is not new and hasattr(text_config, "num_hidden_layers"):
-        text_config.num_hidden_layers = len(kept)
+    _trim_config_(new, kept, config.num_hidden_layers, adapter)
     return new
 
 
