@@ -323,19 +323,17 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
     # Trajectory.backward's fast path) when the budget allows it; otherwise layer by layer.
     graph = (n - 1) * effective_micro_batch(settings) * settings.seqlen * saved_tensor_floats(shape, settings.seqlen) \
         * item  # the other layers' saved tensors
+    with_graph = max(selection_set + graph, stage2_set)
     keep_graph = mode == "resident" and (device.type == "cpu" or "device" not in budget
-                                         or used + max(selection_set + graph, stage2_set) + device_states
-                                         <= budget["device"])
-    fixed_before = fixed
+                                         or used + with_graph + device_states <= budget["device"])
+    working = with_graph if keep_graph else fixed
     if keep_graph:
-        fixed = max(selection_set + graph, stage2_set)
         bwd += graph
     sweeps = 2 + (1 if stride > 1 else 0)  # forward + backward (+ segment recompute)
     moved = sum(b for u, b in units if placement[u] != "device") * sweeps
-    peak_device = used + slots + fixed + device_states
+    peak_device = used + slots + working + device_states
     peak_host = host_used + host_states if device.type == "cuda" else peak_device
     fits, advice = True, ""
-    fixed = fixed_before
     least = max(outer_bytes, STREAM_SLOTS * largest)  # the weights a fully streamed run holds at once
     if device.type == "cuda" and "device" in budget and fixed + least > budget["device"]:
         fits = False
