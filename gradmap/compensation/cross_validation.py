@@ -23,6 +23,7 @@ computed once per layer (:class:`.fit.Spectrum`), not once per λ.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -48,6 +49,11 @@ def _solve(G: torch.Tensor, C: torch.Tensor, lam: float, overwrite: bool = False
     return T if torch.isfinite(T).all() else None
 
 
+def _reconstruction_of(stats: GramStats, g: int, T: torch.Tensor) -> float:
+    """Reconstruction error ``‖M_g T − Z_g‖²`` of group ``g`` from its statistics (module docstring)."""
+    return float((stats.G[g] @ T * T).sum() - 2 * (T * stats.C[g]).sum() + stats.z[g])
+
+
 def reconstruction_error(stats: GramStats, lam: float) -> float:
     """Cross-validated reconstruction error ``E(λ)`` (module docstring; hidden-state units squared, summed over the
     held-out tokens); NaN when a group's solve fails."""
@@ -57,7 +63,7 @@ def reconstruction_error(stats: GramStats, lam: float) -> float:
         T = _solve(G - stats.G[g], C - stats.C[g], lam, overwrite=True)
         if T is None:
             return math.nan
-        total += float((stats.G[g] @ T * T).sum() - 2 * (T * stats.C[g]).sum() + stats.z[g])
+        total += _reconstruction_of(stats, g, T)
     return total
 
 
@@ -72,42 +78,33 @@ class _SolveFailed(Exception):
 
 def cross_validated_loss(traj: Trajectory, position: int, stats: GramStats, lam: float) -> float:
     """Cross-validated mean next-token loss (nats/token) of folding ridge-``lam`` fits into kept layer ``position``
-    (module docstring); NaN when a group's solve fails.
-
-    Each group's fit is solved and folded only when the resumed forward reaches layer ``position``, and dropped after
-    it: one folded ``down_proj`` and one ``T`` are alive at a time, not one per group.
-    """
-    engine = traj.engine
-    orig = traj.view.kept[position]
+    (module docstring); NaN when a group's solve fails."""
     G, C = stats.total()
 
-    def held_out_fold(g: int):
-        def overrides() -> dict:
-            T = _solve(G - stats.G[g], C - stats.C[g], lam, overwrite=True)
-            if T is None:
-                raise _SolveFailed(g)
-            return fold_overrides(engine, traj.view, orig, T)
-        return overrides
+    def fit(g: int) -> torch.Tensor:
+        T = _solve(G - stats.G[g], C - stats.C[g], lam, overwrite=True)
+        if T is None:
+            raise _SolveFailed(g)
+        return T
 
-    candidates = [Candidate(position, overrides=held_out_fold(g), batches=members)
-                  for g, members in enumerate(traj.windows.group_batches())]
     try:
-        losses = traj.candidate_losses(candidates, desc=f"stage 2 ridge {lam:g}")
+        return held_out_loss(traj, position, fit, desc=f"stage 2 ridge {lam:g}")
     except _SolveFailed:  # every rank holds the same all-reduced statistics, so every rank fails alike
         return math.nan
-    total = sum(t for t, _ in losses)
-    count = sum(c for _, c in losses)
-    return total / max(count, 1)
 
 
-def held_out_loss(traj: Trajectory, position: int, fits: list[torch.Tensor], *, desc: str = "stage 2") -> float:
-    """Mean next-token loss (nats/token) over all windows when group ``g``'s windows run with ``fits[g]`` (a ``[d, d]``
-    T fitted WITHOUT group ``g``) folded into kept layer ``position``: one engine sweep resumed at that layer."""
+def held_out_loss(traj: Trajectory, position: int, fit: Callable[[int], torch.Tensor], *,
+                  desc: str = "stage 2") -> float:
+    """Mean next-token loss (nats/token) over all windows when group ``g``'s windows run with ``fit(g)`` (a
+    ``[d, d]`` T fitted WITHOUT group ``g``) folded into kept layer ``position``: one engine sweep resumed at that
+    layer. ``fit(g)`` is called, and its fold built, only when the sweep reaches the layer, and dropped after it: one
+    folded ``down_proj`` and one ``T`` are alive at a time, not one per group. An exception ``fit`` raises
+    propagates."""
     engine = traj.engine
     orig = traj.view.kept[position]
-    candidates = [Candidate(position, overrides=lambda T=T: fold_overrides(engine, traj.view, orig, T),
-                            batches=members)  # folded when the forward reaches the layer (one at a time)
-                  for T, members in zip(fits, traj.windows.group_batches())]
+    candidates = [Candidate(position, overrides=lambda g=g: fold_overrides(engine, traj.view, orig, fit(g)),
+                            batches=members)
+                  for g, members in enumerate(traj.windows.group_batches())]
     losses = traj.candidate_losses(candidates, desc=desc)
     total = sum(t for t, _ in losses)
     count = sum(c for _, c in losses)
@@ -200,11 +197,6 @@ def final_fold(traj: Trajectory, position: int, stats: GramStats, lam: float) ->
     return fold_overrides(traj.engine, traj.view, traj.view.kept[position], T)
 
 
-def _reconstruction_of(stats: GramStats, g: int, T: torch.Tensor) -> float:
-    """Reconstruction error ``‖M_g T − Z_g‖²`` of group ``g`` from its statistics (module docstring)."""
-    return float((stats.G[g] @ T * T).sum() - 2 * (T * stats.C[g]).sum() + stats.z[g])
-
-
 def choose_trained(traj: Trajectory, position: int, stats: GramStats, base_loss: float, *,
                    checkpoints: tuple[int, ...] = CHECKPOINTS, verify: int = VERIFY) -> dict:
     """The trained projection's step count at kept layer ``position`` (:mod:`.trained`), or ``None`` when no
@@ -230,7 +222,7 @@ def choose_trained(traj: Trajectory, position: int, stats: GramStats, base_loss:
     losses: dict[str, float] = {"none": base_loss}
     best: tuple[int | None, float] = (None, base_loss)
     for _, c in ranked[:verify]:
-        loss = held_out_loss(traj, position, [fits[c] for fits in per_group], desc=f"stage 2 trained {c} steps")
+        loss = held_out_loss(traj, position, lambda g, c=c: per_group[g][c], desc=f"stage 2 trained {c} steps")
         losses[f"{c} steps"] = loss
         if loss < best[1]:
             best = (c, loss)
