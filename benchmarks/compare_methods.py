@@ -1,15 +1,18 @@
 """GradMAP against the layer-pruning baselines on the default model: one command, one process, the same data.
 
-    python benchmarks/compare_methods.py                      # defaults: < 45 min on 2 CPU cores, writes docs/compare/
-    python benchmarks/compare_methods.py --full               # larger calibration set, full test text, all items
+    python benchmarks/compare_methods.py                      # quick smoke settings (8x64), docs/compare/<model>/
+    python benchmarks/compare_methods.py --full --model gemma3-270m   # the paper-like setting (see --full): hours
 
 Every method of :data:`gradmap.methods.METHODS` (and GradMAP with ``--verify-top``, row ``gradmap-verify``) removes the same number of decoder layers (``--ratio``, 25 % = 8 of
 SmolLM2's 30) using the SAME calibration windows (``--nsamples`` × ``--seqlen`` tokens of the Wikipedia calibration
 split, seed ``--seed``). Each selection runs once; its pruned model is evaluated as is ("none") and after GradMAP's
-stage 2 ("every-gap", :func:`gradmap.compensation.compensate`); the Gromov block also gets ReplaceMe's own closed-form
-compensation ("replaceme"). Evaluation: test-split perplexity (first ``--eval-tokens`` tokens, ``--eval-seqlen`` per
-window) and zero-shot accuracy (:func:`gradmap.zeroshot.evaluate_zero_shot`, first ``--zeroshot-limit`` items of each
-task). Torch threads are fixed (``--threads``) for the whole run.
+stage 2 ("every-gap", :func:`gradmap.compensation.compensate`); GradMAP's selection also with the paper's own stage 2
+("trained": an Adam-trained projection at the kept layer of largest mean shift, the paper-faithful variant); the
+Gromov block also gets ReplaceMe's own closed-form compensation ("replaceme"). Evaluation: test-split perplexity
+(first ``--eval-tokens`` tokens, ``--eval-seqlen`` per window) and zero-shot accuracy
+(:func:`gradmap.zeroshot.evaluate_zero_shot`: the first ``--zeroshot-limit`` items of each task for the rows the
+targets compare, :data:`TARGET_ROWS`, ``--zeroshot-limit-others`` for the rest; the stderr of every accuracy and of
+the average is reported). Torch threads are fixed (``--threads``) for the whole run.
 
 Columns: prune time = wall seconds of the layer selection (stage 1 for GradMAP; the method's scoring and removal for a
 baseline); stage-2 time separately; forward-equivalent passes over the calibration set (a backward counts 2; the
@@ -22,9 +25,10 @@ peak heap bytes in use during the selection above the level before it (CPU: glib
 oracle (:mod:`gradmap.methods.fidelity`), the loss increase of removing each single layer measured on windows of the
 TEST split (so no method has seen them; on the calibration windows PPL/SLEB would match the oracle by construction).
 
-Reuse: each selection and each evaluated row is cached as JSON under ``<out>/cache/``, keyed by a hash of every
-setting that affects it; a rerun with the same settings recomputes only what is missing (``--fresh`` ignores the
-cache). A pruned model is rebuilt from a cached selection (removed layers, BlockPruner's zeroed sub-blocks) without
+Reuse: each selection, each row's perplexity and each row's zero-shot result is cached as JSON under ``<out>/cache/``,
+keyed by a hash of every setting that affects it (zero-shot separately, so more items can be added later without
+recomputing the perplexity; the compensated model is rebuilt by re-running its deterministic stage 2); a rerun with
+the same settings recomputes only what is missing (``--fresh`` ignores the cache). A pruned model is rebuilt from a cached selection (removed layers, BlockPruner's zeroed sub-blocks) without
 re-running the method. Outputs in ``--out``: ``compare.csv``, ``compare.json`` (rows, dense model, oracle, settings,
 environment, wall time), ``compare.md`` (table + summary) and ``compare.png``.
 """
@@ -74,6 +78,20 @@ LABELS = {"gradmap": "GradMAP", "shortgpt": "ShortGPT (BI)", "gromov": "Gromov (
           "blockpruner": "BlockPruner", "gradmap-verify": "GradMAP + loss check of its top K"}
 #: rows of this benchmark: every method of gradmap.methods, plus GradMAP with --verify-top (our extension)
 ROWS = METHODS + ("gradmap-verify",)
+#: (method, compensation) rows that the targets compare (dense, GradMAP as shipped, the paper-faithful GradMAP =
+#: plain metric selection + the paper's trained projection, SLEB): they get ``--zeroshot-limit`` items per task
+TARGET_ROWS = {("dense", "-"), ("gradmap", "every-gap"), ("gradmap", "trained"), ("gradmap-verify", "every-gap"),
+               ("sleb", "none"), ("sleb", "every-gap")}
+#: the row that ships: GradMAP as ``gradmap prune`` runs it by default (selection and stage 2)
+DEFAULT_ROW = ("gradmap", "every-gap")
+COMP_LABELS = {"none": "none", "every-gap": "every-gap", "trained": "trained (paper)", "replaceme": "replaceme"}
+
+
+def compensations(method: str) -> list[str]:
+    """Stage-2 variants evaluated for a selection: none and every-gap for all; the paper's trained max-shift
+    projection for GradMAP; ReplaceMe's own closed form for the Gromov block."""
+    return (["none", "every-gap"] + (["trained"] if method == "gradmap" else [])
+            + (["replaceme"] if method == "gromov" else []))
 
 
 # ----------------------------------------------------------------------------------------------------------- memory
@@ -175,8 +193,8 @@ def run_selection(model, calibration, target, method, args) -> dict:
     try:
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
-            verify = ({"method": "gradmap", "verify_top": args.verify_top} if method == "gradmap-verify"
-                      else {"method": method})
+            verify = ({"method": "gradmap", "verify_top": args.verify_top, "verify_windows": args.verify_windows,
+                       "verify_margin": args.verify_margin} if method == "gradmap-verify" else {"method": method})
             sel = select_layers(traj, target, **verify, metric=args.metric)
             seconds = time.perf_counter() - t0
         kept = list(engine.view.kept)
@@ -197,6 +215,7 @@ def run_selection(model, calibration, target, method, args) -> dict:
               "zeroed_sub_blocks": sel.extra.get("zeroed_sub_blocks", []),
               "load_avg_1min": [load_before, os.getloadavg()[0]],  # machine load before/after: other jobs skew time
               "first_step_layer_scores": {str(k): v for k, v in sel.first_layer_scores().items()},
+              "step_scores": [{str(k): v for k, v in step.scores.items()} for step in sel.steps],
               "extra": sel.extra}
     log.info("%s: removed %s in %.1f s (%g passes)", method, record["removed"], seconds, sel.passes)
     return record
@@ -217,20 +236,35 @@ def pruned_session(model, calibration, record: dict, args):
     return engine, traj, dense
 
 
-def evaluate(engine, tokenizer, eval_ids, args) -> dict:
-    """Test PPL (on the engine's live view) and zero-shot accuracy (of the materialised pruned model)."""
-    out = {}
+def evaluate_ppl(engine, eval_ids, args) -> dict:
+    """Test PPL of the engine's live view: ``{"ppl": {...}, "eval_seconds": s}``."""
     t0 = time.perf_counter()
     windows = perplexity_windows(eval_ids, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens or None,
                                  max_length=getattr(engine.config, "max_position_embeddings", None))
-    out["ppl"] = view_perplexity(engine, windows, seqlen=args.eval_seqlen, stride=args.eval_seqlen).as_dict()
-    if args.zeroshot_limit >= 0:
-        pruned = materialize_pruned(engine.weights, engine.view)
-        zs = evaluate_zero_shot(pruned, tokenizer, args.tasks, limit=args.zeroshot_limit or None,
-                                batch_size=args.zeroshot_batch_size)
-        out["zeroshot"] = zs.as_dict()
-    out["eval_seconds"] = time.perf_counter() - t0
-    return out
+    ppl = view_perplexity(engine, windows, seqlen=args.eval_seqlen, stride=args.eval_seqlen).as_dict()
+    return {"ppl": ppl, "eval_seconds": time.perf_counter() - t0}
+
+
+def evaluate_zs(engine, tokenizer, limit: int, args) -> dict:
+    """Zero-shot accuracy of the materialised live view, first ``limit`` items per task (0: all items)."""
+    pruned = materialize_pruned(engine.weights, engine.view)
+    zs = evaluate_zero_shot(pruned, tokenizer, args.tasks, limit=limit or None, batch_size=args.zeroshot_batch_size)
+    return zs.as_dict()
+
+
+def zs_average_stderr(zs: dict) -> float | None:
+    """Standard error of the zero-shot average (mean of the tasks' headline metrics, tasks independent):
+    ``sqrt(Σ se_t²) / n_tasks``, with ``se_t`` lm-eval's bootstrap-free binomial stderr of task t."""
+    ses = [t.get(f"{t['headline']}_stderr") for t in zs["tasks"].values()]
+    if not ses or any(v is None for v in ses):
+        return None
+    return math.sqrt(sum(v * v for v in ses)) / len(ses)
+
+
+def zs_limit_of(method: str, comp: str, args) -> int:
+    """Items per task for a row: ``--zeroshot-limit`` for the rows the targets compare, else
+    ``--zeroshot-limit-others`` (-1: no zero-shot, 0: all items)."""
+    return args.zeroshot_limit if (method, comp) in TARGET_ROWS else args.zeroshot_limit_others
 
 
 # ------------------------------------------------------------------------------------------------------------ output
@@ -241,8 +275,8 @@ def table_rows(rows: list[dict], dense: dict) -> list[dict]:
     flat = [{"method": "dense", "compensation": "-", "removed_layers": "", "prune_s": "", "stage2_s": "",
              "passes": "", "published_passes": "", "time_ratio_vs_gradmap": "", "peak_mib": "", "removed_params": 0,
              "zeroed_params": 0,
-             "test_ppl": dense["ppl"]["ppl"], "zeroshot_avg": dense.get("zeroshot", {}).get("average"),
-             "spearman_vs_oracle": "", **_task_columns(dense)}]
+             "test_ppl": dense["ppl"]["ppl"], **_zs_columns(dense), "spearman_vs_oracle": "",
+             **_task_columns(dense)}]
     for r in rows:
         flat.append({
             "method": r["method"], "compensation": r["compensation"],
@@ -252,16 +286,29 @@ def table_rows(rows: list[dict], dense: dict) -> list[dict]:
             "time_ratio_vs_gradmap": r["prune_seconds"] / g_sec if g_sec else "",
             "peak_mib": r["peak_bytes"] / MIB if r["peak_bytes"] is not None else "",
             "removed_params": r["removed_params"], "zeroed_params": r["zeroed_params"],
-            "test_ppl": r["ppl"]["ppl"], "zeroshot_avg": r.get("zeroshot", {}).get("average"),
-            "spearman_vs_oracle": r["spearman"], **_task_columns(r)})
+            "test_ppl": r["ppl"]["ppl"], **_zs_columns(r), "spearman_vs_oracle": r["spearman"],
+            **_task_columns(r)})
     return flat
+
+
+def _zs_columns(r: dict) -> dict:
+    """Zero-shot average, its stderr and the items per task (largest task count) of a row; empty without zero-shot."""
+    zs = r.get("zeroshot")
+    if not zs:
+        return {"zeroshot_avg": None, "zeroshot_avg_stderr": None, "zeroshot_items": None}
+    return {"zeroshot_avg": zs["average"], "zeroshot_avg_stderr": zs_average_stderr(zs),
+            "zeroshot_items": max(t["n"] for t in zs["tasks"].values())}
 
 
 def _task_columns(r: dict) -> dict:
     zs = r.get("zeroshot")
     if not zs:
         return {}
-    return {f"zs_{t}": v[v["headline"]] if "headline" in v else v.get("acc") for t, v in zs["tasks"].items()}
+    out = {}
+    for t, v in zs["tasks"].items():
+        out[f"zs_{t}"] = v[v["headline"]]
+        out[f"zs_{t}_stderr"] = v.get(f"{v['headline']}_stderr")
+    return out
 
 
 def _fmt(v, digits=2):
@@ -276,23 +323,33 @@ def _fmt(v, digits=2):
 
 def write_markdown(path: Path, flat: list[dict], summary: list[str], settings: dict, wall: float,
                    recorded: float = 0.0) -> None:
-    cols = [("method", "method", None), ("compensation", "comp.", None), ("removed_layers", "removed (orig. idx)", None),
+    cols = [("method", "method", None), ("compensation", "comp.", None),
+            ("removed_layers", "removed (orig. idx)", None),
             ("prune_s", "prune s", 1), ("stage2_s", "stage 2 s", 1), ("passes", "fwd-eq. passes", 0),
             ("published_passes", "passes as published", 0),
             ("time_ratio_vs_gradmap", "time / GradMAP", 2), ("peak_mib", "peak MiB", 0),
-            ("test_ppl", "test PPL", 2), ("zeroshot_avg", "0-shot avg", 3), ("spearman_vs_oracle", "Spearman", 2)]
-    tasks = [k for k in flat[0] if k.startswith("zs_")]
-    cols += [(t, t[3:], 3) for t in tasks]
+            ("test_ppl", "test PPL", 2), ("zeroshot_avg", "0-shot avg ± se", "pm"),
+            ("zeroshot_items", "items/task", 0), ("spearman_vs_oracle", "Spearman", 2)]
+    tasks = list(dict.fromkeys(k for r in flat for k in r if k.startswith("zs_") and not k.endswith("_stderr")))
+    cols += [(t, t[3:], "pm") for t in tasks]
     lines = ["# GradMAP vs layer-pruning baselines", "",
              f"Model `{settings['model']}`, {settings['target']} of {settings['num_layers']} decoder layers removed; "
              f"calibration {settings['nsamples']}×{settings['seqlen']} tokens (seed {settings['seed']}), the same "
              f"windows for every method; test PPL on {settings['eval_tokens'] or 'all'} test-split tokens "
              f"(seqlen {settings['eval_seqlen']}); zero-shot: first {settings['zeroshot_limit'] or 'all'} items per "
-             f"task; torch threads {settings['threads']}. Whole run (this invocation): {wall:.0f} s; compute recorded in "
+             f"task for the rows the targets compare, {settings['zeroshot_limit_others'] or 'all'} for the others "
+             "(all where a split is smaller; `items/task` = the largest task's count; ± = standard error); "
+             f"torch threads {settings['threads']}. Whole run (this invocation): {wall:.0f} s; compute recorded in "
              f"the rows (selections, stage 2, evaluations, oracle; cached rows included): {recorded:.0f} s.", "",
              "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    def cell(r, k, d):
+        if d == "pm":
+            v, se = r.get(k), r.get(k + "_stderr") if k != "zeroshot_avg" else r.get("zeroshot_avg_stderr")
+            return "" if v is None else (f"{v:.3f} ± {se:.3f}" if se is not None else f"{v:.3f}")
+        return _fmt(r.get(k), d if d is not None else 2)
+
     for r in flat:
-        lines.append("| " + " | ".join(_fmt(r.get(k), d if d is not None else 2) for k, _, d in cols) + " |")
+        lines.append("| " + " | ".join(cell(r, k, d) for k, _, d in cols) + " |")
     lines += ["", "BlockPruner removes attention/MLP sub-blocks: layers with both gone are dropped; "
               "the rest are zeroed in place (their parameters stay in the checkpoint, `zeroed_params` in the CSV).",
               "", "## Summary", ""] + [f"- {s}" for s in summary]
@@ -306,7 +363,7 @@ def plot(path: Path, rows: list[dict], dense: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
-    marks = {"none": "o", "every-gap": "^", "replaceme": "s"}
+    marks = {"none": "o", "every-gap": "^", "trained": "D", "replaceme": "s"}
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(ROWS)}
     for r in rows:
         a.scatter(r["prune_seconds"], r["ppl"]["ppl"], marker=marks[r["compensation"]], color=colors[r["method"]],
@@ -319,7 +376,7 @@ def plot(path: Path, rows: list[dict], dense: dict) -> None:
     a.set_yscale("log")
     a.set_xlabel("layer-selection wall time (s, log)")
     a.set_ylabel("test perplexity (log)")
-    a.set_title("cost vs perplexity (o none, ^ stage 2, s ReplaceMe)")
+    a.set_title("cost vs perplexity (o none, ^ every-gap, D trained, s ReplaceMe)")
     a.grid(alpha=0.3, which="both")
     a.legend(fontsize=6, ncol=2)
     if dense.get("zeroshot"):
@@ -375,10 +432,40 @@ def summarize(rows: list[dict]) -> list[str]:
             gains.append(f"{LABELS[m]} {a:.2f} → {b:.2f} ({100 * (b - a) / a:+.1f} %)")
     if gains:
         out.append("Stage 2 (every-gap) effect on test PPL: " + "; ".join(gains) + ".")
+    out += target_check(rows)
     if ("gromov", "replaceme") in by:
         out.append(f"ReplaceMe (Gromov block + closed-form T): test PPL {by[('gromov', 'replaceme')]['ppl']['ppl']:.2f}.")
     fid = [f"{LABELS[r['method']]} {r['spearman']:.2f}" for r in rows if r["compensation"] == "none"]
     out.append("Spearman correlation of first-step scores with the oracle: " + ", ".join(fid) + ".")
+    return out
+
+
+def target_check(rows: list[dict]) -> list[str]:
+    """Issue 13's targets, computed from the rows: the shipped GradMAP row (:data:`DEFAULT_ROW`) must reach a test
+    PPL <= the best SLEB row's (any compensation), with a selection time ratio SLEB / GradMAP >= 4, and a zero-shot
+    average not below the best SLEB zero-shot average by more than one standard error of the difference
+    (``sqrt(se_gradmap² + se_sleb²)``)."""
+    by = {(r["method"], r["compensation"]): r for r in rows}
+    g = by.get(DEFAULT_ROW)
+    sleb = [r for r in rows if r["method"] == "sleb"]
+    if g is None or not sleb:
+        return []
+    best = min(sleb, key=lambda r: r["ppl"]["ppl"])
+    ratio = sleb[0]["prune_seconds"] / g["prune_seconds"]
+    name = f"{LABELS[g['method']]} / {COMP_LABELS[g['compensation']]}"
+    out = [f"Target PPL: {name} {g['ppl']['ppl']:.2f} vs best SLEB ({best['compensation']}) {best['ppl']['ppl']:.2f}: "
+           f"{'PASS' if g['ppl']['ppl'] <= best['ppl']['ppl'] else 'FAIL'}.",
+           f"Target speed: SLEB / GradMAP selection time {ratio:.2f}x (>= 4 required, 6 the goal): "
+           f"{'PASS' if ratio >= 4 else 'FAIL'}."]
+    zs = [r for r in sleb if r.get("zeroshot")]
+    if g.get("zeroshot") and zs:
+        s = max(zs, key=lambda r: r["zeroshot"]["average"])
+        se_g, se_s = zs_average_stderr(g["zeroshot"]), zs_average_stderr(s["zeroshot"])
+        diff = g["zeroshot"]["average"] - s["zeroshot"]["average"]
+        se = math.sqrt(se_g ** 2 + se_s ** 2) if se_g is not None and se_s is not None else float("nan")
+        out.append(f"Target zero-shot: {name} {g['zeroshot']['average']:.3f} ± {se_g:.3f} vs best SLEB "
+                   f"({s['compensation']}) {s['zeroshot']['average']:.3f} ± {se_s:.3f}: difference {diff:+.3f}, "
+                   f"one stderr of the difference {se:.3f}: {'PASS' if diff >= -se else 'FAIL'}.")
     return out
 
 
@@ -389,17 +476,26 @@ def parse_args(argv=None):
     p.add_argument("--methods", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
     p.add_argument("--verify-top", type=int, default=3,
                    help="K of the gradmap-verify row (GradMAP + loss check of its K lowest-scored layers; default 3)")
+    p.add_argument("--verify-windows", type=int, default=None,
+                   help="calibration windows the gradmap-verify row's loss check runs on (default: all)")
+    p.add_argument("--verify-margin", type=float, default=math.inf,
+                   help="gradmap-verify: check only candidates scored within (1 + margin) x the lowest "
+                   "(default: all K)")
     p.add_argument("--ratio", type=float, default=0.25, help="fraction of decoder layers to remove (default 0.25)")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 8; --full 16)")
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 8; --full 32)")
     p.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 64; --full 256)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
     p.add_argument("--micro-batch", type=int, default=8, help="windows per forward/backward (default 8)")
     p.add_argument("--metric", default=None, help="GradMAP stage-1 metric (default: gradmap.DEFAULT_METRIC)")
     p.add_argument("--eval-tokens", type=int, default=None,
-                   help="test-split tokens for PPL (default 8192; --full 0 = all)")
+                   help="test-split tokens for PPL (default 8192; --full 32768; 0 = all)")
     p.add_argument("--eval-seqlen", type=int, default=1024, help="PPL window (default 1024)")
     p.add_argument("--zeroshot-limit", type=int, default=None,
-                   help="items per zero-shot task (default 20; --full 0 = all; -1 = skip zero-shot)")
+                   help="items per zero-shot task for the rows the targets compare (dense, GradMAP every-gap, "
+                   "GradMAP trained, GradMAP + loss check every-gap, SLEB) (default 20; --full 500; 0 = all items; "
+                   "-1 = skip)")
+    p.add_argument("--zeroshot-limit-others", type=int, default=None,
+                   help="items per zero-shot task for every other row (default: as --zeroshot-limit; --full 100)")
     p.add_argument("--zeroshot-batch-size", type=int, default=8)
     p.add_argument("--tasks", default="all", help="zero-shot tasks (default all seven)")
     p.add_argument("--oracle-nsamples", type=int, default=None, help="oracle windows from the test split "
@@ -407,15 +503,16 @@ def parse_args(argv=None):
     p.add_argument("--replaceme-ridge", type=float, default=None,
                    help="ReplaceMe's relative ridge (default gradmap.methods.replaceme.REPLACEME_RIDGE)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for the whole run (default 2)")
-    p.add_argument("--full", action="store_true", help="full settings: 16x256 calibration, all test tokens, "
-                   "all zero-shot items (hours on CPU)")
-    p.add_argument("--out", default=str(ROOT / "docs" / "compare"), help="output directory (default docs/compare)")
+    p.add_argument("--full", action="store_true", help="paper-like settings: 32x256 calibration, 32768 test tokens, "
+                   "500 zero-shot items per task for the target rows and 100 for the others (hours on CPU)")
+    p.add_argument("--out", default=None, help="output directory (default docs/compare/<model name>)")
     p.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute everything")
     p.add_argument("--report-only", action="store_true",
                    help="compute nothing: write the outputs from the cached rows (a partial table if rows are missing)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    defaults = {"nsamples": (8, 16), "seqlen": (64, 256), "eval_tokens": (8192, 0), "zeroshot_limit": (20, 0)}
+    defaults = {"nsamples": (8, 32), "seqlen": (64, 256), "eval_tokens": (8192, 32768), "zeroshot_limit": (20, 500),
+                "zeroshot_limit_others": (None, 100)}
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, full if args.full else quick)
@@ -430,6 +527,15 @@ def parse_args(argv=None):
     if "gradmap" not in args.methods:
         p.error("--methods: must include gradmap (the time ratios are relative to it)")
     args.oracle_nsamples = args.oracle_nsamples or args.nsamples
+    if args.out is None:
+        args.out = str(ROOT / "docs" / "compare" / ("smollm2-135m" if args.model == "default" else
+                                                     Path(args.model).name.removesuffix(".gguf")))
+    if args.zeroshot_limit_others is None:
+        args.zeroshot_limit_others = args.zeroshot_limit
+    for flag, value in (("--zeroshot-limit", args.zeroshot_limit),
+                        ("--zeroshot-limit-others", args.zeroshot_limit_others)):
+        if value < -1:
+            p.error(f"{flag}: must be -1 (skip), 0 (all items) or a positive item count, got {value}")
     return args
 
 
@@ -458,18 +564,24 @@ def main(argv=None) -> int:
     base = {"model": args.model, "gradmap": __version__, "cost_model": "engine", "num_layers": n_layers,
             "target": target,
             "calibration": calibration.spec, "micro_batch": args.micro_batch, "threads": args.threads}
-    eval_settings = {"eval_tokens": args.eval_tokens, "eval_seqlen": args.eval_seqlen,
-                     "zeroshot_limit": args.zeroshot_limit, "tasks": args.tasks}
+    eval_settings = {"eval_tokens": args.eval_tokens, "eval_seqlen": args.eval_seqlen}
 
     dense_key = dict(base, row="dense", **eval_settings)
     dense = cache.get("dense", dense_key)
     if args.report_only and (dense is None or cache.get("oracle", dict(base, row="oracle",
                                                                        windows=oracle_windows.spec)) is None):
         raise SystemExit("--report-only: the dense row or the oracle is not cached yet; nothing to report")
-    if dense is None:
+    dense_zs_key = dict(dense_key, zeroshot_limit=args.zeroshot_limit, tasks=args.tasks)
+    dense_zs = cache.get("zeroshot", dense_zs_key) if args.zeroshot_limit >= 0 else None
+    if not args.report_only and (dense is None or (args.zeroshot_limit >= 0 and dense_zs is None)):
         log.info("evaluating the dense model")
         with Engine.for_module(model) as engine:
-            dense = cache.put("dense", dense_key, evaluate(engine, tokenizer, eval_ids, args))
+            if dense is None:
+                dense = cache.put("dense", dense_key, evaluate_ppl(engine, eval_ids, args))
+            if args.zeroshot_limit >= 0 and dense_zs is None:
+                dense_zs = cache.put("zeroshot", dense_zs_key, evaluate_zs(engine, tokenizer, args.zeroshot_limit,
+                                                                           args))
+    dense = dict(dense, zeroshot=dense_zs) if dense_zs else dense
     oracle_key = dict(base, row="oracle", windows=oracle_windows.spec)
     oracle = cache.get("oracle", oracle_key)
     if oracle is None:
@@ -482,61 +594,80 @@ def main(argv=None) -> int:
     oracle_inc = {int(k): v for k, v in oracle["increase"].items()}
 
     settings = dict(base, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, metric=args.metric,
+                    verify_top=args.verify_top, verify_windows=args.verify_windows, verify_margin=args.verify_margin,
                     replaceme_ridge=args.replaceme_ridge or REPLACEME_RIDGE, oracle_windows=oracle_windows.spec,
-                    **eval_settings)
-    expected = 2 * len(args.methods) + ("gromov" in args.methods)
+                    zeroshot_limit=args.zeroshot_limit, zeroshot_limit_others=args.zeroshot_limit_others,
+                    target_rows=sorted(TARGET_ROWS), **eval_settings)
+    expected = sum(len(compensations(m)) for m in args.methods)
     rows = []
     pending: list[str] = []
+    done = 0
     for method in args.methods:
         sel_key = dict(base, method=method, metric=args.metric if method.startswith("gradmap") else None)
         if method == "gradmap-verify":
             sel_key["verify_top"] = args.verify_top
-        comps = ["none", "every-gap"] + (["replaceme"] if method == "gromov" else [])
+            if args.verify_windows is not None or args.verify_margin != math.inf:
+                sel_key.update(verify_windows=args.verify_windows, verify_margin=args.verify_margin)
+        comps = compensations(method)
         row_keys = {c: dict(sel_key, compensation=c, **eval_settings,
                             ridge=(args.replaceme_ridge or REPLACEME_RIDGE) if c == "replaceme" else None)
                     for c in comps}
+        limits = {c: zs_limit_of(method, c, args) for c in comps}
+        zs_keys = {c: dict(row_keys[c], zeroshot_limit=limits[c], tasks=args.tasks) for c in comps}
         cached_rows = {c: cache.get("row", k) for c, k in row_keys.items()}
-        if all(r is not None for r in cached_rows.values()):
-            rows += [cached_rows[c] for c in comps]
-            continue
+        cached_zs = {c: cache.get("zeroshot", zs_keys[c]) if limits[c] >= 0 else None for c in comps}
+        missing = [c for c in comps if cached_rows[c] is None or (limits[c] >= 0 and cached_zs[c] is None)]
         sel = cache.get("selection", sel_key)
-        if args.report_only:
-            rows += [r for r in cached_rows.values() if r is not None]
-            if sel is not None and all(r is None for r in cached_rows.values()):
-                pending.append(f"{LABELS[method]}: selection done ({sel['seconds']:.0f} s, {sel['passes']:g} "
-                               f"forward-equivalent passes, removed {sel['removed']}), rows not evaluated yet")
+        if not missing or args.report_only:
+            for c in comps:
+                if cached_rows[c] is not None:
+                    rows.append(dict(cached_rows[c], zeroshot=cached_zs[c]) if cached_zs[c] else cached_rows[c])
+            if args.report_only and missing:
+                what = "rows not evaluated yet" if sel is not None else "selection not run yet"
+                pending.append(f"{LABELS[method]}: {what} ({', '.join(missing)} missing)")
+            done += len(comps)
             continue
         if sel is None:
-            log.info("selection: %s", method)
+            log.info("[%d/%d rows, %.0f min] selection: %s", done, expected, (time.perf_counter() - start) / 60,
+                     method)
             sel = cache.put("selection", sel_key, run_selection(model, calibration, target, method, args))
         fidelity = spearman({int(k): v for k, v in sel["first_step_layer_scores"].items()}, oracle_inc)
         for comp in comps:
-            if cached_rows[comp] is not None:
-                rows.append(cached_rows[comp])
-                continue
-            engine, traj, dense_traj = pruned_session(model, calibration, sel, args)
-            with engine:
-                stage2 = 0.0
-                notes = []
-                if comp != "none":
-                    t0 = time.perf_counter()
-                    result = compensate(traj, dense_traj, mode=comp,
-                                        ridge=args.replaceme_ridge if comp == "replaceme" else None)
-                    stage2 = time.perf_counter() - t0
-                    notes = result.notes + [f"layer {f.layer}: ridge {f.ridge}, applied {f.applied}"
-                                            for f in result.fits]
-                engine.release(dense_traj)
-                engine.release(traj)
-                log.info("evaluating %s / %s", method, comp)
-                ev = evaluate(engine, tokenizer, eval_ids, args)
-            row = {"method": method, "compensation": comp, "removed": sel["removed"], "kept": sel["kept"],
-                   "prune_seconds": sel["seconds"], "stage2_seconds": stage2, "passes": sel["passes"],
-                   "published_passes": sel.get("published_passes", sel["passes"]),
-                   "peak_bytes": sel["peak_bytes"], "removed_params": sel["removed_params"],
-                   "zeroed_params": sel["zeroed_params"], "spearman": fidelity, "stage2_notes": notes, **ev}
-            rows.append(cache.put("row", row_keys[comp], row))
-            log.info("%s / %s: PPL %.3f, zero-shot %s", method, comp, row["ppl"]["ppl"],
-                     row.get("zeroshot", {}).get("average"))
+            done += 1
+            row, zs = cached_rows[comp], cached_zs[comp]
+            if comp in missing:
+                log.info("[%d/%d rows, %.0f min] %s / %s: %s%s", done, expected, (time.perf_counter() - start) / 60,
+                         method, comp, "stage 2 + PPL" if row is None else "stage 2 again (deterministic)",
+                         f" + zero-shot ({limits[comp] or 'all'} items/task)" if limits[comp] >= 0 and zs is None
+                         else "")
+                engine, traj, dense_traj = pruned_session(model, calibration, sel, args)
+                with engine:
+                    stage2 = 0.0
+                    notes = []
+                    if comp != "none":
+                        t0 = time.perf_counter()
+                        result = compensate(traj, dense_traj, mode=comp,
+                                            ridge=args.replaceme_ridge if comp == "replaceme" else None)
+                        stage2 = time.perf_counter() - t0
+                        notes = result.notes + [f"layer {f.layer}: ridge {f.ridge}, applied {f.applied}"
+                                                for f in result.fits]
+                    engine.release(dense_traj)
+                    engine.release(traj)
+                    if row is None:
+                        ev = evaluate_ppl(engine, eval_ids, args)
+                        row = {"method": method, "compensation": comp, "removed": sel["removed"],
+                               "kept": sel["kept"], "prune_seconds": sel["seconds"], "stage2_seconds": stage2,
+                               "passes": sel["passes"], "published_passes": sel.get("published_passes",
+                                                                                     sel["passes"]),
+                               "peak_bytes": sel["peak_bytes"], "removed_params": sel["removed_params"],
+                               "zeroed_params": sel["zeroed_params"], "spearman": fidelity, "stage2_notes": notes,
+                               **ev}
+                        row = cache.put("row", row_keys[comp], row)
+                    if limits[comp] >= 0 and zs is None:
+                        zs = cache.put("zeroshot", zs_keys[comp], evaluate_zs(engine, tokenizer, limits[comp], args))
+                log.info("%s / %s: PPL %.3f, zero-shot %s", method, comp, row["ppl"]["ppl"],
+                         zs["average"] if zs else None)
+            rows.append(dict(row, zeroshot=zs) if zs else row)
             write_outputs(out, rows, dense, oracle, settings, time.perf_counter() - start, expected)
 
     write_outputs(out, rows, dense, oracle, settings, time.perf_counter() - start, expected, pending)

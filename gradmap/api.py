@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -223,7 +224,8 @@ class _Spec:
 
 def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, method, metric, compensate_mode, ridge,
                      protected, micro_batch, eval_tokens, eval_seqlen, verify_top, folds, max_memory, device, dtype,
-                     inplace, resume, max_ppl_increase, holdout, save_at, backend) -> _Spec:
+                     inplace, resume, max_ppl_increase, holdout, save_at, backend, verify_windows=None,
+                     verify_margin=None) -> _Spec:
     """Every check that needs no weights (names, target, folds, budget, save points) against the model's config."""
     check_method(method)
     check_metric(metric)
@@ -238,6 +240,14 @@ def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, meth
         raise ValueError(f"verify_top: must be an integer >= 0, got {verify_top!r}")
     if verify_top and method != "gradmap":
         raise ValueError(f"verify_top: applies to method 'gradmap' only, got method {method!r}")
+    if verify_windows is not None and (isinstance(verify_windows, bool) or not isinstance(verify_windows, int)
+                                       or verify_windows < 1):
+        raise ValueError(f"verify_windows: must be a positive number of windows, got {verify_windows!r}")
+    if verify_margin is not None and (isinstance(verify_margin, bool) or not isinstance(verify_margin, (int, float))
+                                      or not math.isfinite(verify_margin) or verify_margin < 0):
+        raise ValueError(f"verify_margin: must be a finite number >= 0 (None: no margin), got {verify_margin!r}")
+    if (verify_windows is not None or verify_margin is not None) and verify_top < 2:
+        raise ValueError("verify_windows/verify_margin: apply to the loss check, which needs verify_top >= 2")
     if isinstance(model, nn.Module):
         if max_memory is not None or device is not None or dtype is not None:
             raise ValueError("max_memory/device/dtype: apply to a model given by path; a module computes where it is "
@@ -276,6 +286,7 @@ def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, meth
     settings = {"method": method, "num_layers": target, "ratio": ratio, "metric": metric, "compensate": compensate_mode,
                 "ridge": ridge, "protected": sorted(int(p) for p in protected), "micro_batch": micro_batch,
                 "folds": nfolds, "eval_seqlen": eval_seqlen, "backend": backend, "verify_top": verify_top,
+                "verify_windows": verify_windows, "verify_margin": verify_margin,
                 "inplace": bool(inplace), "max_ppl_increase": max_ppl_increase, "save_at": points}
     return _Spec(target, nfolds, settings, limits)
 
@@ -344,6 +355,8 @@ class _Pipeline:
             self.budget = _SavePoints(hold, s["max_ppl_increase"], self.views, set(s["save_at"]))
         selection = select_layers(traj, self.spec.target, method=s["method"], metric=s["metric"],
                                   protected=s["protected"], backend=s["backend"], verify_top=s["verify_top"],
+                                  verify_windows=s["verify_windows"],
+                                  verify_margin=math.inf if s["verify_margin"] is None else s["verify_margin"],
                                   recorded=self.recorded, on_step=self._record if self.resume else None,
                                   budget=self.budget)
         new_steps = selection.steps[len(self.recorded):]
@@ -406,7 +419,7 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
           protected: list[int] | tuple[int, ...] = (), micro_batch: int = 8, eval_tokens: torch.Tensor | None = None,
           eval_seqlen: int = 1024, eval_max_tokens: int | None = None, seed: int = 0, inplace: bool = False,
           backend: str = "hooks", progress: bool = False, resume: str | Path | None = None, verify_top: int = 0,
-          folds: int | None = None, max_memory=None, device: str | torch.device | None = None,
+          verify_windows: int | None = None, verify_margin: float | None = None, folds: int | None = None, max_memory=None, device: str | torch.device | None = None,
           dtype: str | torch.dtype | None = None, holdout: Calibration | None = None,
           max_ppl_increase: float | None = None, save_at=(), measure_speed: bool = False) -> PruneResult:
     """Remove ``num_layers`` (or ``ratio`` of the) decoder layers with GradMAP (or a baseline) and repair the model.
@@ -437,6 +450,9 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
         backend: ``"hooks"`` or ``"fused"`` weight-gradient reduction for the weight metrics.
         verify_top: ``method="gradmap"`` only: each decision removes, among the ``verify_top`` lowest-scored layers,
             the one whose removal gives the lowest calibration NLL (our extension; 0 = the paper's metric alone).
+        verify_windows: the check runs on this many calibration windows (whole micro-batches spread over the set;
+            ``None``: all); ``verify_margin``: only candidates scored within ``(1 + margin)`` x the lowest score are
+            checked (``None``: all ``verify_top``) (:func:`gradmap.methods.gradmap.select_gradmap`).
         resume: path of a stage-1 state file (:mod:`gradmap.resume`): written after every decision (rank 0); if it
             already holds decisions of the same model, calibration and settings, they are replayed.
         folds: stage-2 cross-validation groups (default ``min(4, nsamples)``; needs ``2 <= folds <= nsamples``).
@@ -469,6 +485,7 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
     spec = _check_arguments(model, calibration, num_layers=num_layers, ratio=ratio, method=method, metric=metric,
                             compensate_mode=compensate_mode, ridge=ridge, protected=protected, micro_batch=micro_batch,
                             eval_tokens=eval_tokens, eval_seqlen=eval_seqlen, verify_top=verify_top, folds=folds,
+                            verify_windows=verify_windows, verify_margin=verify_margin,
                             max_memory=max_memory, device=device, dtype=dtype, inplace=inplace, resume=resume,
                             max_ppl_increase=max_ppl_increase, holdout=holdout, save_at=save_at, backend=backend)
     weights, tokenizer, source_path, plan = _open(model, calibration, spec, parallel=parallel, max_memory=max_memory,
@@ -481,7 +498,8 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
     recorded, run_id = [], None
     if resume is not None:
         decisions = {k: settings[k] for k in ("num_layers", "metric", "protected", "micro_batch", "backend", "seed",
-                                              "verify_top", "folds", "dtype")}
+                                              "verify_top", "verify_windows", "verify_margin", "folds",
+                                              "dtype")}
         run_id = fingerprint(weights, calibration, decisions)
         recorded = load_state(resume, run_id)
         if recorded:

@@ -22,6 +22,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -142,6 +143,11 @@ def _prune_args(p: argparse.ArgumentParser, *, plan: bool = False) -> None:
     p.add_argument("--verify-top", type=int, default=0, metavar="K",
                    help="--method gradmap: each decision removes, of the K lowest-scored layers, the one whose removal "
                         "gives the lowest calibration loss (K resumed forwards; default 0 = the gradient metric alone)")
+    p.add_argument("--verify-windows", type=int, default=None, metavar="N",
+                   help="--verify-top: run the loss check on N calibration windows only (whole micro-batches spread "
+                        "over the set; default: all)")
+    p.add_argument("--verify-margin", type=float, default=None, metavar="M",
+                   help="--verify-top: check only layers scored within (1 + M) x the lowest score (default: all K)")
     p.add_argument("--compensate", default=DEFAULT_COMPENSATION, choices=COMPENSATIONS,
                    help=f"compensation: GradMAP stage 2 (max-shift, every-gap), ReplaceMe's T (replaceme) or none "
                         f"(default {DEFAULT_COMPENSATION})")
@@ -239,7 +245,8 @@ CLI_NAMES = {"num_layers": "--num-layers", "ratio": "--ratio", "protected": "--p
              "nsamples": "--nsamples", "ridge": "--ridge", "micro_batch": "--micro-batch",
              "eval_seqlen": "--eval-seqlen", "compensate": "--compensate", "text": "--text", "model": "--model",
              "tasks": "--tasks", "resume": "--resume", "folds": "--folds", "metric": "--metric",
-             "method": "--method", "backend": "--backend", "verify_top": "--verify-top", "output_dir": "--output"}
+             "method": "--method", "backend": "--backend", "verify_top": "--verify-top", "output_dir": "--output",
+             "verify_windows": "--verify-windows", "verify_margin": "--verify-margin"}
 
 
 def _cli_names(exc: Exception, names: dict[str, str] = CLI_NAMES) -> Exception:
@@ -403,6 +410,13 @@ def _check_prune_flags(args, limits: ModelLimits) -> None:
         raise ValueError(f"--verify-top: must be >= 0, got {args.verify_top}")
     if args.verify_top and args.method != "gradmap":
         raise ValueError(f"--verify-top: applies to --method gradmap only, not --method {args.method}")
+    if (args.verify_windows is not None or args.verify_margin is not None) and args.verify_top < 2:
+        raise ValueError("--verify-windows/--verify-margin: apply to the loss check of --verify-top K (K >= 2)")
+    if args.verify_windows is not None and not 1 <= args.verify_windows <= args.nsamples:
+        raise ValueError(f"--verify-windows: need 1 <= --verify-windows <= --nsamples={args.nsamples}, "
+                         f"got {args.verify_windows}")
+    if args.verify_margin is not None and not (math.isfinite(args.verify_margin) and args.verify_margin >= 0):
+        raise ValueError(f"--verify-margin: must be a finite number >= 0, got {args.verify_margin}")
     if args.verify_top > limits.num_layers:
         raise ValueError(f"--verify-top: {args.verify_top} is more than the model's {limits.num_layers} decoder "
                          "layers (at that size it is SLEB at SLEB's cost; use --method sleb)")
@@ -546,6 +560,7 @@ def cmd_prune(args) -> int:
                        eval_seqlen=args.eval_seqlen, eval_max_tokens=args.eval_tokens or None, seed=args.seed,
                        backend=args.backend, progress=not args.quiet and parallel.is_main,
                        resume=state if args.method == "gradmap" else None, verify_top=args.verify_top,
+                       verify_windows=args.verify_windows, verify_margin=args.verify_margin,
                        folds=args.folds, max_memory=args.max_memory, device=device, dtype=args.dtype)
         result.settings.update(model=str(args.model), text=args.text, eval_text=args.eval_text,
                                text_split=calib_split)

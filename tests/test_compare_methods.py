@@ -31,7 +31,7 @@ def test_compare_methods_tiny(tmp_path, tiny_tokenizer):
     for name in ("compare.csv", "compare.json", "compare.md", "compare.png"):
         assert (out / name).stat().st_size > 0
     report = json.loads((out / "compare.json").read_text())
-    assert report["complete"] and len(report["rows"]) == 2 * 5 + 1  # + Gromov/ReplaceMe
+    assert report["complete"] and len(report["rows"]) == 2 * 5 + 2  # + GradMAP/trained, Gromov/ReplaceMe
     rows = {(r["method"], r["compensation"]): r for r in report["rows"]}
     # 2 of 6 layers: the first forward, then per decision the recomputed forward and the backward (2) of every layer
     # but the first (the hidden-state metric needs no gradient through layer 0) and a forward resumed after removal
@@ -41,7 +41,7 @@ def test_compare_methods_tiny(tmp_path, tiny_tokenizer):
     assert len(rows[("sleb", "none")]["removed"]) == 2
     with open(out / "compare.csv") as fh:
         flat = list(csv.DictReader(fh))
-    assert flat[0]["method"] == "dense" and len(flat) == 12
+    assert flat[0]["method"] == "dense" and len(flat) == 13
     assert any("full forwards as published" in s for s in report["summary"])
     # rerun: every row comes from the cache (selection wall times unchanged)
     before = {k: r["prune_seconds"] for k, r in rows.items()}
@@ -51,3 +51,28 @@ def test_compare_methods_tiny(tmp_path, tiny_tokenizer):
     assert again == before
     rows = {(r["method"], r["compensation"]): r for r in json.loads((out / "compare.json").read_text())["rows"]}
     assert rows[("gradmap-verify", "none")]["passes"] > rows[("gradmap", "none")]["passes"]
+
+
+def test_zero_shot_stderr_and_targets():
+    """The average's stderr by hand, per-row item limits, and the target verdicts on made-up rows."""
+    script = load_script()
+    zs = {"average": 0.5, "tasks": {"a": {"headline": "acc", "acc": 0.4, "acc_stderr": 0.03, "n": 500},
+                                    "b": {"headline": "acc_norm", "acc_norm": 0.6, "acc_norm_stderr": 0.04, "n": 300}}}
+    assert abs(script.zs_average_stderr(zs) - 0.025) < 1e-12  # sqrt(0.03² + 0.04²) / 2 = 0.05 / 2
+    args = script.parse_args(["--zeroshot-limit", "500", "--zeroshot-limit-others", "100"])
+    assert script.zs_limit_of("sleb", "none", args) == 500 and script.zs_limit_of("gradmap", "trained", args) == 500
+    assert script.zs_limit_of("shortgpt", "every-gap", args) == 100 and script.zs_limit_of("gradmap", "none", args) == 100
+
+    def row(method, comp, ppl, seconds, avg, se):
+        z = {"average": avg, "tasks": {"a": {"headline": "acc", "acc": avg, "acc_stderr": se, "n": 500}}}
+        return {"method": method, "compensation": comp, "ppl": {"ppl": ppl}, "prune_seconds": seconds, "zeroshot": z}
+
+    rows = [row("gradmap", "every-gap", 50.0, 10.0, 0.50, 0.03), row("sleb", "none", 51.0, 45.0, 0.53, 0.04),
+            row("sleb", "every-gap", 50.5, 45.0, 0.52, 0.04)]
+    verdicts = script.target_check(rows)
+    assert "PASS" in verdicts[0] and "50.50" in verdicts[0]            # 50.0 <= best SLEB 50.5
+    assert "4.50x" in verdicts[1] and "PASS" in verdicts[1]            # 45 / 10
+    assert "-0.030" in verdicts[2] and "0.050" in verdicts[2] and "PASS" in verdicts[2]  # -0.03 >= -sqrt(.03²+.04²)
+    rows[0] = row("gradmap", "every-gap", 50.6, 12.0, 0.46, 0.03)
+    verdicts = script.target_check(rows)
+    assert all("FAIL" in v for v in verdicts)                          # 50.6 > 50.5; 3.75x; -0.07 < -0.05

@@ -347,6 +347,33 @@ def test_gradmap_verify_top_picks_the_lowest_loss_of_the_shortlist():
         select_layers(traj, 1, method="gradmap", verify_top=-1)
 
 
+def test_verify_on_a_window_subset_and_margin():
+    """verify_windows: the shortlist's NLL is the model's own NLL on the chosen windows only (micro-batches of 1
+    window: windows 0 and 2 of 4 for verify_windows=2); verify_margin=0 leaves no runner-up within the margin, so
+    no check runs and the plain metric's choice stands."""
+    model, cal = constructed("llama", identity=3)
+    with session(model, cal, micro_batch=1) as (engine, traj):
+        sel = select_layers(traj, 1, method="gradmap", verify_top=3, verify_windows=2)
+    verified = {int(k): v for k, v in sel.extra["verified"][0].items()}
+    assert len(verified) == 3
+    sub = Calibration(cal.input_ids[[0, 2]], cal.attention_mask[[0, 2]], dict(cal.spec, nsamples=2))
+    for layer, nll in verified.items():
+        ref = copy.deepcopy(model)
+        remove_layers(ref, [layer])
+        total, count = model_nll(ref, sub)
+        assert nll == pytest.approx(total / count, rel=1e-6)
+    with session(model, cal, micro_batch=1) as (engine, traj):
+        plain = select_layers(traj, 2, method="gradmap")
+    with session(model, cal, micro_batch=1) as (engine, traj):
+        sel = select_layers(traj, 2, method="gradmap", verify_top=3, verify_margin=0.0)
+    assert sel.removed == plain.removed and sel.extra["verified"] == [{}, {}]
+    assert sel.passes == pytest.approx(plain.passes)
+    with session(model, cal) as (engine, traj), pytest.raises(ValueError, match="verify_windows"):
+        select_layers(traj, 1, method="gradmap", verify_top=3, verify_windows=0)
+    with session(model, cal) as (engine, traj), pytest.raises(ValueError, match="verify_margin"):
+        select_layers(traj, 1, method="gradmap", verify_top=3, verify_margin=-0.5)
+
+
 def test_verify_top_is_refused_for_baselines():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="verify_top: applies to method 'gradmap' only"):

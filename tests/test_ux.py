@@ -84,6 +84,14 @@ def test_verify_top_beyond_the_layer_count_is_refused(model_dir, tmp_path, capsy
     assert "--verify-top: 100 is more than the model's 6 decoder layers" in one_line_error(capsys)
 
 
+def test_verify_check_options_are_validated(model_dir, tmp_path, capsys, tripwire):
+    for extra, message in ((["--verify-windows", "2"], "--verify-windows/--verify-margin: apply to the loss check"),
+                           (["--verify-top", "3", "--verify-windows", "0"], "--verify-windows: need 1 <="),
+                           (["--verify-top", "3", "--verify-margin", "-1"], "--verify-margin: must be a finite")):
+        assert main(base(model_dir, tmp_path, *extra, "--output", str(tmp_path / "o"))) == 2
+        assert message in one_line_error(capsys)
+
+
 def test_errors_name_cli_flags_not_api_arguments(model_dir, tmp_path, capsys, tripwire):
     assert main(["prune", "--model", str(tmp_path / "nope"), "--num-layers", "1", "--output",
                  str(tmp_path / "o")]) == 2

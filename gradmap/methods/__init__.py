@@ -20,6 +20,8 @@ method.
 
 from __future__ import annotations
 
+import math
+
 from ..engine import Trajectory
 from ..names import METHODS, check_method
 from .base import Selection, Step
@@ -32,15 +34,16 @@ from .taylor_plus import select_taylor_plus
 
 
 def select_layers(traj: Trajectory, target: int, *, method: str = "gradmap", metric: str = "grad_update_norm",
-                  protected=(), backend: str = "hooks", verify_top: int = 0, recorded: list[Step] | None = None,
-                  on_step=None, budget=None) -> Selection:
+                  protected=(), backend: str = "hooks", verify_top: int = 0, verify_windows: int | None = None,
+                  verify_margin: float = math.inf, recorded: list[Step] | None = None, on_step=None,
+                  budget=None) -> Selection:
     """Select and remove ``target`` decoder layers from the engine's (dense) live view with ``method``.
 
     Args:
         traj: the calibration set's trajectory through the engine's live view.
         target: layers to remove (BlockPruner: the parameters of ``target`` layers, see :mod:`.blockpruner`).
-        metric, backend, verify_top, recorded, on_step: GradMAP's options (:func:`.gradmap.select_gradmap`); the
-            other methods ignore them (the API refuses them for baselines).
+        metric, backend, verify_top, verify_windows, verify_margin, recorded, on_step: GradMAP's options
+            (:func:`.gradmap.select_gradmap`); the other methods ignore them (the API refuses them for baselines).
         protected: original indices never removed.
         budget: :class:`gradmap.methods.budget.QualityBudget` (removal curve; with a limit, the stop rule). Every
             method but BlockPruner stops at the first removal it refuses; BlockPruner only records the curve.
@@ -54,7 +57,8 @@ def select_layers(traj: Trajectory, target: int, *, method: str = "gradmap", met
     check_method(method)
     if method == "gradmap":
         return select_gradmap(traj, target, metric=metric, backend=backend, protected=protected,
-                              verify_top=verify_top, recorded=recorded, on_step=on_step, budget=budget)
+                              verify_top=verify_top, verify_windows=verify_windows, verify_margin=verify_margin,
+                              recorded=recorded, on_step=on_step, budget=budget)
     if method == "shortgpt":
         return select_shortgpt(traj, target, protected=protected, budget=budget)
     if method == "gromov":

@@ -7,12 +7,17 @@ reported by their ORIGINAL indices (0-based, position in the dense model) throug
 
 ``verify_top = k > 1`` (our extension, not in the paper): each decision removes, among the ``k`` lowest-scored
 unprotected layers, the one whose removal gives the lowest calibration NLL (``k`` resumed forwards, one engine sweep):
-the gradient metric shortlists, the loss decides, as SLEB does over all layers.
+the gradient metric shortlists, the loss decides, as SLEB does over all layers. Two knobs make the check cheaper
+(also our extension): ``verify_windows`` computes the shortlist's NLL on an evenly spread subset of the calibration
+micro-batches only (the same subset at every step, so the candidates are compared on the same tokens), and
+``verify_margin`` = m shortlists only the candidates whose score is within a factor ``1 + m`` of the lowest score
+(no check at all when the lowest is that far ahead of the runner-up).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 
 from ..engine import Candidate, Trajectory
@@ -23,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_norm", backend: str = "hooks",
-                   protected=(), verify_top: int = 0, recorded: list[Step] | None = None,
+                   protected=(), verify_top: int = 0, verify_windows: int | None = None,
+                   verify_margin: float = math.inf, recorded: list[Step] | None = None,
                    on_step: Callable[[Selection], None] | None = None, budget=None) -> Selection:
     """Remove ``target`` layers from the engine's live view, one per scoring pass, lowest score first.
 
@@ -33,6 +39,9 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
         metric, backend: see :func:`gradmap.methods.metrics.layer_scores`.
         protected: original indices that are never removed.
         verify_top: shortlist size checked by calibration NLL (0 or 1: off; module docstring).
+        verify_windows: calibration windows the check runs on (rounded up to whole micro-batches, spread evenly
+            over the set); ``None``: all.
+        verify_margin: shortlist only candidates with score <= (1 + margin) x the lowest score (default: no limit).
         recorded: decisions of an interrupted run to replay without scoring (:mod:`gradmap.resume`).
         on_step: called with the selection after every new decision (to record it).
         budget: a :class:`gradmap.methods.budget.QualityBudget` asked before every removal (the selection stops at
@@ -43,10 +52,14 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
         ``verify_top`` > 1).
 
     Raises:
-        ValueError: ``verify_top`` < 0, or fewer unprotected layers than ``target``.
+        ValueError: ``verify_top`` < 0, ``verify_windows`` < 1, ``verify_margin`` < 0 or NaN, or fewer unprotected
+            layers than ``target``.
     """
     if int(verify_top) < 0:
         raise ValueError(f"verify_top: must be >= 0, got {verify_top}")
+    if not verify_margin >= 0:
+        raise ValueError(f"verify_margin: must be >= 0, got {verify_margin}")
+    check_batches = verify_subset(traj.windows, verify_windows)
     engine = traj.engine
     protected = {int(p) for p in protected}
     selection = Selection(method="gradmap")
@@ -66,13 +79,17 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
             if not candidates:
                 raise ValueError(f"protected: no unprotected layer left to reach the target {target}")
             victim = candidates[0][1]
-            if verify_top > 1:
-                shortlist = [orig for _, orig in candidates[:verify_top]]
-                losses = traj.candidate_losses([Candidate(kept.index(o), skip=True) for o in shortlist],
-                                               desc="verify")
+            lowest = candidates[0][0]
+            bound = math.inf if math.isinf(verify_margin) else lowest + verify_margin * abs(lowest)
+            shortlist = [orig for s, orig in candidates[:verify_top] if s <= bound]
+            if verify_top > 1 and len(shortlist) > 1:
+                losses = traj.candidate_losses([Candidate(kept.index(o), skip=True, batches=check_batches)
+                                                for o in shortlist], desc="verify")
                 nll = {o: total / max(count, 1) for o, (total, count) in zip(shortlist, losses)}
                 victim = min(nll, key=lambda o: (nll[o], by_orig[o]))
                 selection.extra.setdefault("verified", []).append({str(o): v for o, v in nll.items()})
+            elif verify_top > 1:
+                selection.extra.setdefault("verified", []).append({})
             selection.passes += traj.passes(engine.work - work0)
         if not commit_removal(engine, selection, victim, by_orig, t.seconds, budget):
             break  # the quality budget stops the selection here
@@ -81,3 +98,34 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
         if on_step is not None:
             on_step(selection)
     return selection
+
+
+def verify_subset(windows, count: int | None) -> frozenset[int] | None:
+    """Global micro-batch indices holding at least ``count`` windows, spread evenly over the calibration set
+    (``None`` when ``count`` is ``None`` or covers every window).
+
+    Raises:
+        ValueError: ``count`` < 1.
+    """
+    if count is None:
+        return None
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"verify_windows: must be a positive number of windows, got {count!r}")
+    batches = windows.batches()
+    if count >= windows.input_ids.shape[0]:
+        return None
+    chosen, have = [], 0
+    step = len(batches) / max(1, min(len(batches), math.ceil(count * len(batches) / windows.input_ids.shape[0])))
+    position = 0.0
+    while have < count and int(position) < len(batches):
+        k, sl = batches[int(position)]
+        chosen.append(k)
+        have += sl.stop - sl.start
+        position += step
+    for k, sl in batches:  # uneven micro-batches: top up in order
+        if have >= count:
+            break
+        if k not in chosen:
+            chosen.append(k)
+            have += sl.stop - sl.start
+    return frozenset(chosen)
