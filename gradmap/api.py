@@ -498,8 +498,8 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
     recorded, run_id = [], None
     if resume is not None:
         decisions = {k: settings[k] for k in ("num_layers", "metric", "protected", "micro_batch", "backend", "seed",
-                                              "verify_top", "verify_windows", "verify_margin", "folds",
-                                              "dtype")}
+                                              "verify_top", "folds", "dtype")}
+        decisions.update({k: settings[k] for k in ("verify_windows", "verify_margin") if settings[k] is not None})
         run_id = fingerprint(weights, calibration, decisions)
         recorded = load_state(resume, run_id)
         if recorded:

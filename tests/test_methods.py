@@ -380,6 +380,16 @@ def test_verify_top_is_refused_for_baselines():
         prune(model, random_calibration(4, 16), num_layers=1, method="sleb", verify_top=3, compensate_mode="none")
     with pytest.raises(ValueError, match="verify_top: must be an integer"):
         prune(model, random_calibration(4, 16), num_layers=1, verify_top=1.5, compensate_mode="none")
+    with pytest.raises(ValueError, match="verify_windows/verify_margin: apply to the loss check"):
+        prune(model, random_calibration(4, 16), num_layers=1, verify_windows=2, compensate_mode="none")
+    with pytest.raises(ValueError, match="verify_margin: must be a finite number"):
+        prune(model, random_calibration(4, 16), num_layers=1, verify_top=2, verify_margin=float("nan"),
+              compensate_mode="none")
+    with pytest.raises(ValueError, match="verify_windows: must be a positive"):
+        prune(model, random_calibration(4, 16), num_layers=1, verify_top=2, verify_windows=0, compensate_mode="none")
+    result = prune(model, random_calibration(4, 16), num_layers=1, verify_top=2, verify_windows=2, verify_margin=0.5,
+                   compensate_mode="none", micro_batch=1)
+    assert result.settings["verify_windows"] == 2 and result.settings["verify_margin"] == 0.5
 
 
 def test_replaceme_warns_when_tokens_are_too_few_for_the_fit():
