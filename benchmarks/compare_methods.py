@@ -507,6 +507,8 @@ def parse_args(argv=None):
                    "500 zero-shot items per task for the target rows and 100 for the others (hours on CPU)")
     p.add_argument("--out", default=None, help="output directory (default docs/compare/<model name>)")
     p.add_argument("--fresh", action="store_true", help="ignore cached rows and recompute everything")
+    p.add_argument("--selections-only", action="store_true",
+                   help="run (and cache) the missing layer selections only; evaluate the rows in a later run")
     p.add_argument("--report-only", action="store_true",
                    help="compute nothing: write the outputs from the cached rows (a partial table if rows are missing)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -631,6 +633,13 @@ def main(argv=None) -> int:
             log.info("[%d/%d rows, %.0f min] selection: %s", done, expected, (time.perf_counter() - start) / 60,
                      method)
             sel = cache.put("selection", sel_key, run_selection(model, calibration, target, method, args))
+        if args.selections_only:
+            rows += [dict(cached_rows[c], zeroshot=cached_zs[c]) if cached_zs[c] else cached_rows[c]
+                     for c in comps if cached_rows[c] is not None]
+            pending.append(f"{LABELS[method]}: selection done ({sel['seconds']:.0f} s), rows not evaluated yet "
+                           f"({', '.join(missing)})")
+            done += len(comps)
+            continue
         fidelity = spearman({int(k): v for k, v in sel["first_step_layer_scores"].items()}, oracle_inc)
         for comp in comps:
             done += 1

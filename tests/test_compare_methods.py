@@ -27,6 +27,10 @@ def test_compare_methods_tiny(tmp_path, tiny_tokenizer):
             "--eval-tokens", "256", "--eval-seqlen", "32", "--zeroshot-limit", "-1", "--ratio", "0.34",
             "--threads", "1", "--out", str(out), "-q"]
     script = load_script()
+    assert script.main(argv + ["--selections-only"]) == 0  # selections cached, no row evaluated
+    partial = json.loads((out / "compare.json").read_text())
+    assert not partial["complete"] and partial["rows"] == []
+    assert sum("selection done" in line for line in partial["summary"]) == 5
     assert script.main(argv) == 0
     for name in ("compare.csv", "compare.json", "compare.md", "compare.png"):
         assert (out / name).stat().st_size > 0
