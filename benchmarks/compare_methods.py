@@ -321,6 +321,10 @@ def _fmt(v, digits=2):
     return str(v)
 
 
+def _items(limit: int) -> str:
+    return "no" if limit < 0 else ("all" if limit == 0 else f"the first {limit}")
+
+
 def write_markdown(path: Path, flat: list[dict], summary: list[str], settings: dict, wall: float,
                    recorded: float = 0.0) -> None:
     cols = [("method", "method", None), ("compensation", "comp.", None),
@@ -336,11 +340,17 @@ def write_markdown(path: Path, flat: list[dict], summary: list[str], settings: d
              f"Model `{settings['model']}`, {settings['target']} of {settings['num_layers']} decoder layers removed; "
              f"calibration {settings['nsamples']}×{settings['seqlen']} tokens (seed {settings['seed']}), the same "
              f"windows for every method; test PPL on {settings['eval_tokens'] or 'all'} test-split tokens "
-             f"(seqlen {settings['eval_seqlen']}); zero-shot: first {settings['zeroshot_limit'] or 'all'} items per "
-             f"task for the rows the targets compare, {settings['zeroshot_limit_others'] or 'all'} for the others "
+             f"(seqlen {settings['eval_seqlen']}); zero-shot: {_items(settings['zeroshot_limit'])} items per "
+             f"task for the rows the targets compare, {_items(settings['zeroshot_limit_others'])} for the others "
              "(all where a split is smaller; `items/task` = the largest task's count; ± = standard error); "
              f"torch threads {settings['threads']}. Whole run (this invocation): {wall:.0f} s; compute recorded in "
-             f"the rows (selections, stage 2, evaluations, oracle; cached rows included): {recorded:.0f} s.", "",
+             f"the rows (selections, stage 2, evaluations, oracle; cached rows included): {recorded:.0f} s. "
+             f"`gradmap-verify` = GradMAP with `--verify-top {settings.get('verify_top')}`"
+             + (f" checked on {settings['verify_windows']} of the {settings['nsamples']} windows"
+                if settings.get("verify_windows") else "")
+             + (f", margin {settings['verify_margin']}" if settings.get("verify_margin", math.inf) != math.inf else "")
+             + "; `trained` = the paper's stage 2 (an Adam-trained projection at the kept layer of largest mean shift).",
+             "",
              "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     def cell(r, k, d):
         if d == "pm":
