@@ -61,7 +61,7 @@ from gradmap.compensation.replaceme import REPLACEME_RIDGE  # noqa: E402
 from gradmap.data import build_calibration, load_text, tokenize  # noqa: E402
 from gradmap.engine import Engine, Windows  # noqa: E402
 from gradmap.evaluation import perplexity_windows, view_perplexity  # noqa: E402
-from gradmap.methods import select_layers  # noqa: E402
+from gradmap.methods import Step, select_layers  # noqa: E402
 from gradmap.methods.blockpruner import zeroed_output  # noqa: E402
 from gradmap.methods.fidelity import oracle_loss_increase, spearman  # noqa: E402
 from gradmap.models import load_model  # noqa: E402
@@ -185,18 +185,59 @@ def open_engine(model, calibration, args):
     return engine, engine.trajectory(Windows.from_calibration(calibration, args.micro_batch, groups=groups))
 
 
-def run_selection(model, calibration, target, method, args) -> dict:
-    """Select on the engine's view of the dense ``model`` (never modified); return the record."""
+#: iterative methods whose decisions are saved after each step (``<out>/cache/partial-<hash>.json``): an interrupted
+#: selection resumes from its last decision (a long SLEB search can span several runs)
+RESUMABLE = ("gradmap", "gradmap-verify", "sleb")
+
+
+def _merge_extra(before: dict, after: dict) -> dict:
+    """A resumed selection's ``extra``: list values (per-step records) concatenated, the rest from the later part."""
+    out = dict(before)
+    for k, v in after.items():
+        out[k] = before.get(k, []) + v if isinstance(v, list) and isinstance(before.get(k), list) else v
+    return out
+
+
+def run_selection(model, calibration, target, method, args, partial: Path | None = None) -> dict:
+    """Select on the engine's view of the dense ``model`` (never modified); return the record.
+
+    ``partial`` (iterative methods, :data:`RESUMABLE`): the file that holds the decisions made so far; they are
+    replayed without scoring, new ones are appended after every step, and the recorded wall seconds and passes are
+    added to this run's (the replay costs one extra forward of the calibration set, counted)."""
     device = next(model.parameters()).device
     load_before = os.getloadavg()[0]
+    state = json.loads(partial.read_text()) if partial is not None and partial.is_file() else None
+    recorded = [Step(d["step"], {int(k): v for k, v in d["scores"].items()}, d["removed"], d["seconds"])
+                for d in state["steps"]] if state else []
+    prior = state or {"seconds": 0.0, "passes": 0.0, "extra": {}, "runs": 0}
+    if recorded:
+        log.info("%s: resuming after %d recorded decisions (%.0f s, %.2f passes)", method, len(recorded),
+                 prior["seconds"], prior["passes"])
     engine, traj = open_engine(model, calibration, args)
     try:
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             verify = ({"method": "gradmap", "verify_top": args.verify_top, "verify_windows": args.verify_windows,
                        "verify_margin": args.verify_margin} if method == "gradmap-verify" else {"method": method})
+            if partial is not None:
+                def save(sel):
+                    record = {"steps": [{"step": st.step, "scores": {str(k): v for k, v in st.scores.items()},
+                                         "removed": st.removed, "seconds": st.seconds} for st in sel.steps],
+                              "seconds": prior["seconds"] + time.perf_counter() - t0,
+                              "passes": prior["passes"] + sel.passes, "extra": _merge_extra(prior["extra"], sel.extra),
+                              "runs": prior["runs"] + 1}
+                    tmp = partial.with_suffix(".tmp")
+                    tmp.write_text(json.dumps(record, default=str))
+                    tmp.replace(partial)
+
+                verify.update(recorded=recorded, on_step=save)
             sel = select_layers(traj, target, **verify, metric=args.metric)
             seconds = time.perf_counter() - t0
+        if recorded:
+            seconds += prior["seconds"]
+            sel.passes += prior["passes"]
+            sel.extra = _merge_extra(prior["extra"], sel.extra)
+            sel.extra["resumed_runs"] = prior["runs"] + 1
         kept = list(engine.view.kept)
         removed_params = sum(engine.layer_params[i] for i in range(engine.n_layers) if i not in set(kept))
     finally:
@@ -349,7 +390,8 @@ def write_markdown(path: Path, flat: list[dict], summary: list[str], settings: d
              + (f" checked on {settings['verify_windows']} of the {settings['nsamples']} windows"
                 if settings.get("verify_windows") else "")
              + (f", margin {settings['verify_margin']}" if settings.get("verify_margin", math.inf) != math.inf else "")
-             + "; `trained` = the paper's stage 2 (an Adam-trained projection at the kept layer of largest mean shift).",
+             + "; `trained` = the paper's stage 2 (an Adam-trained projection at the kept layer of largest mean "
+             "shift).",
              "",
              "| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     def cell(r, k, d):
@@ -641,7 +683,10 @@ def main(argv=None) -> int:
         if sel is None:
             log.info("[%d/%d rows, %.0f min] selection: %s", done, expected, (time.perf_counter() - start) / 60,
                      method)
-            sel = cache.put("selection", sel_key, run_selection(model, calibration, target, method, args))
+            partial = cache.path("partial", sel_key) if method in RESUMABLE else None
+            sel = cache.put("selection", sel_key, run_selection(model, calibration, target, method, args, partial))
+            if partial is not None:
+                partial.unlink(missing_ok=True)
         if args.selections_only:
             rows += [dict(cached_rows[c], zeroshot=cached_zs[c]) if cached_zs[c] else cached_rows[c]
                      for c in comps if cached_rows[c] is not None]

@@ -80,3 +80,29 @@ def test_zero_shot_stderr_and_targets():
     rows[0] = row("gradmap", "every-gap", 50.6, 12.0, 0.46, 0.03)
     verdicts = script.target_check(rows)
     assert all("FAIL" in v for v in verdicts)                          # 50.6 > 50.5; 3.75x; -0.07 < -0.05
+
+
+def test_interrupted_sleb_resumes_from_its_recorded_decisions(tmp_path):
+    """A SLEB search cut after its first decision (the partial file holds it) and resumed reaches the removal order of
+    an uninterrupted run, with the recorded seconds and passes added to the resumed part."""
+    import torch
+
+    from gradmap.data import Calibration
+
+    script = load_script()
+    model = tiny_model("llama").eval()
+    ids = torch.randint(3, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    cal = Calibration(ids, torch.ones_like(ids), {"source": "random", "nsamples": 4, "seqlen": 16, "seed": 0})
+    args = script.parse_args(["--threads", "1", "--micro-batch", "2", "-q"])
+    straight = script.run_selection(model, cal, 3, "sleb", args)
+    partial = tmp_path / "partial.json"
+    first = script.run_selection(model, cal, 1, "sleb", args, partial)   # "interrupted" after one decision
+    state = json.loads(partial.read_text())
+    assert [d["removed"] for d in state["steps"]] == first["removal_order"] == straight["removal_order"][:1]
+    resumed = script.run_selection(model, cal, 3, "sleb", args, partial)
+    assert resumed["removal_order"] == straight["removal_order"]
+    assert resumed["extra"]["resumed_runs"] == 2
+    assert resumed["seconds"] >= state["seconds"] and resumed["passes"] > state["passes"]
+    # decisions 2 and 3 re-scored as in the straight run, plus the forward of the layers before the replayed removal
+    # (the straight run resumed after it): more than the straight run, by at most one forward of the pruned view
+    assert 0 < resumed["passes"] - straight["passes"] <= 1.0

@@ -42,8 +42,10 @@ def select_layers(traj: Trajectory, target: int, *, method: str = "gradmap", met
     Args:
         traj: the calibration set's trajectory through the engine's live view.
         target: layers to remove (BlockPruner: the parameters of ``target`` layers, see :mod:`.blockpruner`).
-        metric, backend, verify_top, verify_windows, verify_margin, recorded, on_step: GradMAP's options
-            (:func:`.gradmap.select_gradmap`); the other methods ignore them (the API refuses them for baselines).
+        metric, backend, verify_top, verify_windows, verify_margin: GradMAP's options (:func:`.gradmap.select_gradmap`);
+            the other methods ignore them (the API refuses them for baselines).
+        recorded, on_step: decisions to replay and a callback after each new decision (GradMAP and SLEB; the other
+            methods ignore them).
         protected: original indices never removed.
         budget: :class:`gradmap.methods.budget.QualityBudget` (removal curve; with a limit, the stop rule). Every
             method but BlockPruner stops at the first removal it refuses; BlockPruner only records the curve.
@@ -68,7 +70,7 @@ def select_layers(traj: Trajectory, target: int, *, method: str = "gradmap", met
     if method == "ppl":
         return select_ppl(traj, target, protected=protected, budget=budget)
     if method == "sleb":
-        return select_sleb(traj, target, protected=protected, budget=budget)
+        return select_sleb(traj, target, protected=protected, budget=budget, recorded=recorded, on_step=on_step)
     return select_blockpruner(traj, target, protected=protected, budget=budget)
 
 

@@ -16,9 +16,17 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 from ..engine import Candidate, Trajectory
-from .base import Selection, Timer, apply_removals, commit_removal, one_shot_selection
+from .base import (
+    Selection,
+    Step,
+    Timer,
+    apply_removals,
+    commit_removal,
+    one_shot_selection,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +55,14 @@ def select_ppl(traj: Trajectory, target: int, *, protected=(), budget=None) -> S
     return apply_removals(engine, selection, budget)
 
 
-def select_sleb(traj: Trajectory, target: int, *, protected=(), budget=None) -> Selection:
+def select_sleb(traj: Trajectory, target: int, *, protected=(), budget=None, recorded: list[Step] | None = None,
+                on_step: Callable[[Selection], None] | None = None) -> Selection:
     """SLEB: ``target`` greedy decisions, each removing from the live view the layer whose removal gives the lowest
     calibration NLL. Step scores are the leave-one-out NLLs (nats/token) of the unprotected layers.
+
+    ``recorded``: decisions of an interrupted run, replayed without scoring (each is a deterministic function of the
+    calibration windows and the decisions before it); ``on_step(selection)`` is called after every new decision (to
+    record it). A long search can so be split over several runs.
 
     Raises:
         ValueError: fewer unprotected layers than ``target``.
@@ -59,7 +72,13 @@ def select_sleb(traj: Trajectory, target: int, *, protected=(), budget=None) -> 
     if len([k for k in engine.view.kept if k not in protected]) < target:
         raise ValueError(f"protected: fewer unprotected layers than the target {target}")
     selection = Selection(method="sleb")
-    for step in range(target):
+    for done in recorded or []:
+        engine.remove(done.removed)
+        if budget is not None:
+            budget.removed(done.removed)
+        selection.removed.append(done.removed)
+        selection.steps.append(done)
+    for step in range(len(selection.removed), target):
         kept = list(engine.view.kept)
         with Timer() as t:
             work0 = engine.work
@@ -72,4 +91,6 @@ def select_sleb(traj: Trajectory, target: int, *, protected=(), budget=None) -> 
             break  # the quality budget stops the selection here
         logger.info("sleb step %d: removed layer %d (NLL %.4f) in %.1f s", step + 1, victim, scores[victim],
                     t.seconds)
+        if on_step is not None:
+            on_step(selection)
     return selection
