@@ -129,6 +129,17 @@ def commit_removal(engine, selection: Selection, victim: int, scores: dict[int, 
     return True
 
 
+def replay(engine, selection: Selection, recorded, budget=None) -> None:
+    """Re-apply the decisions of an interrupted run (:class:`Step` list, removal order) without scoring: remove each
+    layer from the engine's live view, tell ``budget``, and append the removal and its step to ``selection``."""
+    for step in recorded or []:
+        engine.remove(step.removed)
+        if budget is not None:
+            budget.removed(step.removed)
+        selection.removed.append(step.removed)
+        selection.steps.append(step)
+
+
 class Timer:
     """``with Timer() as t: ...`` then ``t.seconds`` (wall time, seconds, ``time.perf_counter``)."""
 

@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable
 
 from ..engine import Candidate, Trajectory
-from .base import Selection, Step, Timer, commit_removal
+from .base import Selection, Step, Timer, commit_removal, replay
 from .metrics import layer_scores
 
 logger = logging.getLogger(__name__)
@@ -63,12 +63,7 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
     engine = traj.engine
     protected = {int(p) for p in protected}
     selection = Selection(method="gradmap")
-    for step in recorded or []:
-        engine.remove(step.removed)
-        if budget is not None:
-            budget.removed(step.removed)
-        selection.removed.append(step.removed)
-        selection.steps.append(step)
+    replay(engine, selection, recorded, budget)
     while len(selection.removed) < target:
         kept = list(engine.view.kept)
         with Timer() as t:

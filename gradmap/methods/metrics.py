@@ -50,7 +50,13 @@ from ..adapters import get_adapter
 from ..data import Calibration
 from ..engine import Engine, Trajectory, Windows
 from ..kernels.fused_scoring import fused_layer_scope
-from ..names import BACKENDS, HIDDEN_METRICS, WEIGHT_METRICS, check_backend, check_metric
+from ..names import (
+    BACKENDS,
+    HIDDEN_METRICS,
+    WEIGHT_METRICS,
+    check_backend,
+    check_metric,
+)
 
 
 def layer_matrices(layer: nn.Module) -> list[nn.Parameter]:

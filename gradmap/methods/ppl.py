@@ -26,6 +26,7 @@ from .base import (
     apply_removals,
     commit_removal,
     one_shot_selection,
+    replay,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,12 +73,7 @@ def select_sleb(traj: Trajectory, target: int, *, protected=(), budget=None, rec
     if len([k for k in engine.view.kept if k not in protected]) < target:
         raise ValueError(f"protected: fewer unprotected layers than the target {target}")
     selection = Selection(method="sleb")
-    for done in recorded or []:
-        engine.remove(done.removed)
-        if budget is not None:
-            budget.removed(done.removed)
-        selection.removed.append(done.removed)
-        selection.steps.append(done)
+    replay(engine, selection, recorded, budget)
     for step in range(len(selection.removed), target):
         kept = list(engine.view.kept)
         with Timer() as t:
