@@ -21,6 +21,7 @@ from gradmap.engine import Engine, Windows
 from gradmap.methods import select_layers
 from gradmap.methods.blockpruner import RemovedSubBlock, select_blockpruner
 from gradmap.methods.fidelity import oracle_loss_increase, spearman, spearman_fallback
+from gradmap.methods.gradmap import verify_subset
 from gradmap.methods.gromov import angular_distances, select_gromov
 from gradmap.methods.ppl import leave_one_out_losses, select_ppl, select_sleb
 from gradmap.methods.shortgpt import block_influence
@@ -372,6 +373,42 @@ def test_verify_on_a_window_subset_and_margin():
         select_layers(traj, 1, method="gradmap", verify_top=3, verify_windows=0)
     with session(model, cal) as (engine, traj), pytest.raises(ValueError, match="verify_margin"):
         select_layers(traj, 1, method="gradmap", verify_top=3, verify_margin=-0.5)
+
+
+def test_verify_subset_by_hand():
+    """verify_subset: ceil(count / micro_batch) micro-batches spread evenly, the first ceil(count / b) windows of
+    each (32 windows in micro-batches of 8: B = 4)."""
+    cal = random_calibration(32, 8)
+    windows = Windows.from_calibration(cal, 8)
+    assert verify_subset(windows, 4) == (frozenset({0}), slice(0, 4))
+    assert verify_subset(windows, 8) == (frozenset({0}), None)  # a whole micro-batch, as before rows existed
+    assert verify_subset(windows, 12) == (frozenset({0, 2}), slice(0, 6))
+    assert verify_subset(windows, 16) == (frozenset({0, 2}), None)
+    assert verify_subset(windows, 24) == (frozenset({0, 1, 2}), None)
+    assert verify_subset(windows, 32) == (None, None)
+    assert verify_subset(windows, None) == (None, None)
+    # 10 windows in micro-batches of 4 (4, 4, 2): 5 windows -> 2 micro-batches (0 and 1), 3 windows of each
+    assert verify_subset(Windows.from_calibration(random_calibration(10, 8), 4), 5) == (frozenset({0, 1}), slice(0, 3))
+    with pytest.raises(ValueError, match="verify_windows: must be a positive"):
+        verify_subset(windows, 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_verify_on_part_of_a_micro_batch(family):
+    """verify_windows smaller than the micro-batch: the check's NLL is the reference model's NLL on exactly those
+    windows (the first 2 of one micro-batch of 4), with their own attention masks (Gemma-3: sliding and full
+    attention layers)."""
+    model, cal = constructed(family)
+    with session(model, cal, micro_batch=4) as (engine, traj):
+        sel = select_layers(traj, 1, method="gradmap", verify_top=3, verify_windows=2)
+    verified = {int(k): v for k, v in sel.extra["verified"][0].items()}
+    assert len(verified) == 3
+    sub = Calibration(cal.input_ids[:2], cal.attention_mask[:2], dict(cal.spec, nsamples=2))
+    for layer, nll in verified.items():
+        ref = copy.deepcopy(model)
+        remove_layers(ref, [layer])
+        total, count = model_nll(ref, sub)
+        assert nll == pytest.approx(total / count, rel=1e-5)
 
 
 def test_verify_top_is_refused_for_baselines():

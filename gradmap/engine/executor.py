@@ -91,6 +91,9 @@ class Candidate:
             ``position`` and its result dropped after the layer ran (so candidates do not all hold their tensors at
             once); an exception it raises propagates out of :meth:`Trajectory.candidate_losses`.
         batches: global micro-batch indices the loss is computed on (``None``: all).
+        rows: the windows (rows) of each of those micro-batches that run (``None``: all of them), e.g.
+            ``slice(0, 4)``: the first four windows of each; their layer inputs are captured for just those rows, so
+            the result is that of a micro-batch holding only them.
     """
 
     position: int
@@ -98,6 +101,7 @@ class Candidate:
     overrides: dict[str, torch.Tensor] | Callable[[], dict[str, torch.Tensor]] | None = None
     patches: dict[str, nn.Module] | None = None
     batches: frozenset[int] | None = None
+    rows: slice | None = None
 
 
 @dataclass
@@ -359,6 +363,7 @@ class Trajectory:
         self.num_targets = windows.num_targets  # all ranks
         self.store = StateStore(engine.device, engine.state_budget)  # the engine's shared DeviceBudget
         self._inputs: dict[int, LayerInputs] = {}
+        self._row_inputs: dict[tuple, LayerInputs] = {}  # (k, rows) -> inputs of a row subset (Candidate.rows)
         self.valid = -1  # the last stored boundary that holds the view's states (-1: nothing computed yet)
         self._current: dict | None = None  # the states at position _current_at of the last forward (stored or not)
         self._current_at: int | None = None
@@ -386,6 +391,22 @@ class Trajectory:
                 self._inputs[k] = capture_layer_inputs(model, self.engine.adapter, w.input_ids[sl].to(dev),
                                                        w.attention_mask[sl].to(dev))
         return self._inputs[k]
+
+    def row_inputs(self, k: int, rows: slice | None) -> LayerInputs:
+        """Captured layer inputs of the windows ``rows`` of micro-batch ``k`` (all of them for ``None``), as if
+        those windows formed a micro-batch of their own (captured on first use; attention masks and position
+        embeddings are rebuilt for the rows, not cut out of the full micro-batch's)."""
+        if rows is None:
+            return self.inputs(k)
+        key = (k, rows.start, rows.stop, rows.step)
+        if key not in self._row_inputs:
+            sl = dict(self.batches)[k]
+            w, dev = self.windows, self.engine.device
+            with self.engine.weights.use(OUTER) as model:
+                self._row_inputs[key] = capture_layer_inputs(model, self.engine.adapter,
+                                                             w.input_ids[sl][rows].to(dev),
+                                                             w.attention_mask[sl][rows].to(dev))
+        return self._row_inputs[key]
 
     def passes(self, work: float) -> float:
         """``work`` (parameter-tokens of this rank) in forward-equivalent passes of the view as it is NOW over this
@@ -682,13 +703,13 @@ class Trajectory:
                 raise ValueError(f"candidate position {c.position} outside [0, {self.n - 1}]")
         self.forward(upto=self.n if self.keep else None)
         results: list[tuple[float, int]] = [(0.0, 0)] * len(candidates)
-        per_batch = {k: self.windows.input_ids[sl].numel() * self.engine.config.hidden_size * self.engine.dtype.itemsize
-                     for k, sl in self.batches}
+        width = self.engine.config.hidden_size * self.engine.dtype.itemsize
         order = sorted(range(len(candidates)), key=lambda i: candidates[i].position)
         groups, group, used = [], [], 0
         for i in order:
             c = candidates[i]
-            need = sum(v for k, v in per_batch.items() if c.batches is None or k in c.batches)
+            need = sum(self.windows.input_ids[sl][c.rows if c.rows is not None else slice(None)].numel() * width
+                       for k, sl in self.batches if c.batches is None or k in c.batches)
             if group and state_budget is not None and used + need > state_budget:
                 groups.append(group)
                 group, used = [], 0
@@ -714,31 +735,36 @@ class Trajectory:
             orig = self.view.kept[position]
             for i, c in group:  # a candidate joins at the stored boundary at or before its position
                 if i not in streams and self._resume_point(c.position) == position:
-                    streams[i] = {k: self.boundary(position, k) for k in mine[i]}
+                    streams[i] = {k: self._rows(self.boundary(position, k), c.rows) for k in mine[i]}
             active = [(i, c) for i, c in group if i in streams]
             plain = [(i, c) for i, c in active if c.position != position]
             changed = [(i, c) for i, c in active if c.position == position and not c.skip]
             if plain:
                 with engine.layer(orig, self.view) as run, torch.no_grad():
-                    for i, _ in plain:
+                    for i, c in plain:
                         for k in mine[i]:
-                            streams[i][k] = run(streams[i][k], self.inputs(k))
+                            streams[i][k] = run(streams[i][k], self.row_inputs(k, c.rows))
             for i, c in changed:
                 overrides = c.overrides() if callable(c.overrides) else c.overrides
                 with engine.layer(orig, self.view, overrides=overrides, patches=c.patches) as run, torch.no_grad():
                     for k in mine[i]:
-                        streams[i][k] = run(streams[i][k], self.inputs(k))
+                        streams[i][k] = run(streams[i][k], self.row_inputs(k, c.rows))
                 del overrides
         out = []
         with engine.weights.use(OUTER), torch.no_grad():
             for i, c in group:
                 total, count = 0.0, 0
                 for k in mine[i]:
-                    t = self.targets(k)
+                    t = self._rows(self.targets(k), c.rows)
                     total += float(engine.head_loss(streams[i][k], t))
                     count += int((t != IGNORE).sum())
                 out.append((i, (total, count)))
         return out
+
+    @staticmethod
+    def _rows(tensor: torch.Tensor, rows: slice | None) -> torch.Tensor:
+        """``tensor[rows]`` along the window dimension (``tensor`` itself for ``None``)."""
+        return tensor if rows is None else tensor[rows]
 
     def _resume_point(self, position: int) -> int:
         """The last stored valid boundary at or before ``position`` (0, the embeddings, at worst)."""

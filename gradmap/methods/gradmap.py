@@ -9,7 +9,7 @@ reported by their ORIGINAL indices (0-based, position in the dense model) throug
 unprotected layers, the one whose removal gives the lowest calibration NLL (``k`` resumed forwards, one engine sweep):
 the gradient metric shortlists, the loss decides, as SLEB does over all layers. Two knobs make the check cheaper
 (also our extension): ``verify_windows`` computes the shortlist's NLL on an evenly spread subset of the calibration
-micro-batches only (the same subset at every step, so the candidates are compared on the same tokens), and
+windows only (the same subset at every step, so the candidates are compared on the same tokens), and
 ``verify_margin`` = m shortlists only the candidates whose score is within a factor ``1 + m`` of the lowest score
 (no check at all when the lowest is that far ahead of the runner-up).
 """
@@ -39,8 +39,8 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
         metric, backend: see :func:`gradmap.methods.metrics.layer_scores`.
         protected: original indices that are never removed.
         verify_top: shortlist size checked by calibration NLL (0 or 1: off; module docstring).
-        verify_windows: calibration windows the check runs on (rounded up to whole micro-batches, spread evenly
-            over the set); ``None``: all.
+        verify_windows: calibration windows the check runs on (:func:`verify_subset`: the first windows of
+            micro-batches spread evenly over the set); ``None``: all.
         verify_margin: shortlist only candidates with score <= (1 + margin) x the lowest score (default: no limit).
         recorded: decisions of an interrupted run to replay without scoring (:mod:`gradmap.resume`).
         on_step: called with the selection after every new decision (to record it).
@@ -59,7 +59,7 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
         raise ValueError(f"verify_top: must be >= 0, got {verify_top}")
     if not verify_margin >= 0:
         raise ValueError(f"verify_margin: must be >= 0, got {verify_margin}")
-    check_batches = verify_subset(traj.windows, verify_windows)
+    check_batches, check_rows = verify_subset(traj.windows, verify_windows)
     engine = traj.engine
     protected = {int(p) for p in protected}
     selection = Selection(method="gradmap")
@@ -78,7 +78,8 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
             bound = math.inf if math.isinf(verify_margin) else lowest + verify_margin * abs(lowest)
             shortlist = [orig for s, orig in candidates[:verify_top] if s <= bound]
             if verify_top > 1 and len(shortlist) > 1:
-                losses = traj.candidate_losses([Candidate(kept.index(o), skip=True, batches=check_batches)
+                losses = traj.candidate_losses([Candidate(kept.index(o), skip=True, batches=check_batches,
+                                                          rows=check_rows)
                                                 for o in shortlist], desc="verify")
                 nll = {o: total / max(count, 1) for o, (total, count) in zip(shortlist, losses)}
                 victim = min(nll, key=lambda o: (nll[o], by_orig[o]))
@@ -95,32 +96,38 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
     return selection
 
 
-def verify_subset(windows, count: int | None) -> frozenset[int] | None:
-    """Global micro-batch indices holding at least ``count`` windows, spread evenly over the calibration set
-    (``None`` when ``count`` is ``None`` or covers every window).
+def verify_subset(windows, count: int | None) -> tuple[frozenset[int] | None, slice | None]:
+    """The calibration windows the loss check runs on: ``(micro-batches, rows)``, i.e. the first ``rows`` windows
+    of each of the chosen global micro-batch indices; ``(None, None)`` (every window) when ``count`` is ``None`` or
+    covers the whole set.
+
+    The fewest micro-batches that can hold ``count`` windows, ``b = ceil(count / micro_batch)``, spread evenly over
+    the set (indices ``floor(i * B / b)`` of the ``B`` micro-batches), and of each the first
+    ``ceil(count / b)`` windows (all of them when that is the micro-batch size): ``count`` windows, or slightly
+    more when ``count`` does not split evenly. Whole micro-batches are used when ``count`` is a multiple of the
+    micro-batch size.
 
     Raises:
-        ValueError: ``count`` < 1.
+        ValueError: ``count`` is not an int >= 1.
     """
     if count is None:
-        return None
+        return None, None
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"verify_windows: must be a positive number of windows, got {count!r}")
     batches = windows.batches()
-    if count >= windows.input_ids.shape[0]:
-        return None
-    chosen, have = [], 0
-    step = len(batches) / max(1, min(len(batches), math.ceil(count * len(batches) / windows.input_ids.shape[0])))
-    position = 0.0
-    while have < count and int(position) < len(batches):
-        k, sl = batches[int(position)]
-        chosen.append(k)
-        have += sl.stop - sl.start
-        position += step
-    for k, sl in batches:  # uneven micro-batches: top up in order
+    total = windows.input_ids.shape[0]
+    if count >= total:
+        return None, None
+    largest = max(sl.stop - sl.start for _, sl in batches)
+    chosen_count = min(len(batches), math.ceil(count / largest))
+    per_batch = math.ceil(count / chosen_count)
+    chosen = [batches[(i * len(batches)) // chosen_count] for i in range(chosen_count)]
+    have = sum(min(per_batch, sl.stop - sl.start) for _, sl in chosen)
+    for k, sl in batches:  # uneven micro-batches (a short last one): top up in order
         if have >= count:
             break
-        if k not in chosen:
-            chosen.append(k)
-            have += sl.stop - sl.start
-    return frozenset(chosen)
+        if all(k != c for c, _ in chosen):
+            chosen.append((k, sl))
+            have += min(per_batch, sl.stop - sl.start)
+    rows = None if per_batch >= largest else slice(0, per_batch)
+    return frozenset(k for k, _ in chosen), rows
