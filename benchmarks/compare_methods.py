@@ -18,7 +18,8 @@ Columns: prune time = wall seconds of the layer selection (stage 1 for GradMAP; 
 baseline); stage-2 time separately; forward-equivalent passes over the calibration set (a backward counts 2; the
 leave-one-out searches resume each candidate from cached hidden states and count the share they run, see
 :mod:`gradmap.methods` and :mod:`gradmap.prefix`); passes as published = one full forward per candidate, what
-the SLEB / BlockPruner / PPL papers' own procedure spends; time ratio = the method's prune time / GradMAP's (> 1: GradMAP is faster); peak memory =
+the SLEB / BlockPruner / PPL papers' own procedure spends; time ratio = the method's prune time / the default GradMAP
+selection's (:func:`reference_method`; > 1: GradMAP is faster); peak memory =
 peak heap bytes in use during the selection above the level before it (CPU: glibc ``mallinfo2`` in-use bytes,
 ``uordblks + hblkhd``, sampled every 2 ms by a thread, so a peak shorter than that can be missed; CUDA:
 ``torch.cuda.max_memory_allocated``); Spearman = rank correlation of the method's first-step layer scores with the
@@ -64,6 +65,7 @@ from gradmap.evaluation import perplexity_windows, view_perplexity  # noqa: E402
 from gradmap.methods import Step, select_layers  # noqa: E402
 from gradmap.methods.blockpruner import zeroed_output  # noqa: E402
 from gradmap.methods.fidelity import oracle_loss_increase, spearman  # noqa: E402
+from gradmap.methods.gradmap import default_verify_top, default_verify_windows  # noqa: E402
 from gradmap.models import load_model  # noqa: E402
 from gradmap.names import DEFAULT_METRIC, METHODS  # noqa: E402
 from gradmap.removal import materialize_pruned  # noqa: E402
@@ -73,17 +75,18 @@ from gradmap.zeroshot import evaluate_zero_shot  # noqa: E402
 
 log = logging.getLogger("compare_methods")
 MIB = 2**20
-LABELS = {"gradmap": "GradMAP", "shortgpt": "ShortGPT (BI)", "gromov": "Gromov (angular)",
+LABELS = {"gradmap": "GradMAP, metric only (paper)", "shortgpt": "ShortGPT (BI)", "gromov": "Gromov (angular)",
           "taylor-plus": "Shortened-LLaMA Taylor+", "ppl": "Shortened-LLaMA PPL", "sleb": "SLEB",
-          "blockpruner": "BlockPruner", "gradmap-verify": "GradMAP + loss check of its top K"}
-#: rows of this benchmark: every method of gradmap.methods, plus GradMAP with --verify-top (our extension)
+          "blockpruner": "BlockPruner", "gradmap-verify": "GradMAP (default: + loss check of its top K)"}
+#: rows of this benchmark: every method of gradmap.methods (``gradmap`` = the paper's selection, the metric alone),
+#: plus ``gradmap-verify``: GradMAP as it ships, the metric + the loss check of its top K (our extension)
 ROWS = METHODS + ("gradmap-verify",)
 #: (method, compensation) rows that the targets compare (dense, GradMAP as shipped, the paper-faithful GradMAP =
 #: plain metric selection + the paper's trained projection, SLEB): they get ``--zeroshot-limit`` items per task
 TARGET_ROWS = {("dense", "-"), ("gradmap", "every-gap"), ("gradmap", "trained"), ("gradmap-verify", "every-gap"),
                ("sleb", "none"), ("sleb", "every-gap")}
 #: the row that ships: GradMAP as ``gradmap prune`` runs it by default (selection and stage 2)
-DEFAULT_ROW = ("gradmap", "every-gap")
+DEFAULT_ROW = ("gradmap-verify", "every-gap")
 COMP_LABELS = {"none": "none", "every-gap": "every-gap", "trained": "trained (paper)", "replaceme": "replaceme"}
 
 
@@ -218,7 +221,8 @@ def run_selection(model, calibration, target, method, args, partial: Path | None
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             verify = ({"method": "gradmap", "verify_top": args.verify_top, "verify_windows": args.verify_windows,
-                       "verify_margin": args.verify_margin} if method == "gradmap-verify" else {"method": method})
+                       "verify_margin": args.verify_margin, "verify_extend": args.verify_extend}
+                      if method == "gradmap-verify" else {"method": method})
             if partial is not None:
                 def save(sel):
                     record = {"steps": [{"step": st.step, "scores": {str(k): v for k, v in st.scores.items()},
@@ -311,7 +315,8 @@ def zs_limit_of(method: str, comp: str, args) -> int:
 # ------------------------------------------------------------------------------------------------------------ output
 def table_rows(rows: list[dict], dense: dict) -> list[dict]:
     """Flat rows for CSV / markdown: one per (method, compensation), plus the dense model first."""
-    base = [r for r in rows if r["method"] == "gradmap" and r["compensation"] == "none"]
+    ref = reference_method(rows)
+    base = [r for r in rows if r["method"] == ref and r["compensation"] == "none"]
     g_sec = base[0]["prune_seconds"] if base else None
     flat = [{"method": "dense", "compensation": "-", "removed_layers": "", "prune_s": "", "stage2_s": "",
              "passes": "", "published_passes": "", "time_ratio_vs_gradmap": "", "peak_mib": "", "removed_params": 0,
@@ -390,6 +395,7 @@ def write_markdown(path: Path, flat: list[dict], summary: list[str], settings: d
              + (f" checked on {settings['verify_windows']} of the {settings['nsamples']} windows"
                 if settings.get("verify_windows") else "")
              + (f", margin {settings['verify_margin']}" if settings.get("verify_margin", math.inf) != math.inf else "")
+             + (", extended by K more while the best is the last checked" if settings.get("verify_extend") else "")
              + "; `trained` = the paper's stage 2 (an Adam-trained projection at the kept layer of largest mean "
              "shift).",
              "",
@@ -443,25 +449,33 @@ def plot(path: Path, rows: list[dict], dense: dict) -> None:
     plt.close(fig)
 
 
+def reference_method(rows: list[dict]) -> str:
+    """The selection the time ratios are taken against: the shipped default's (:data:`DEFAULT_ROW`) when it is among
+    the rows, else the paper's GradMAP selection."""
+    return DEFAULT_ROW[0] if any(r["method"] == DEFAULT_ROW[0] for r in rows) else "gradmap"
+
+
 def summarize(rows: list[dict]) -> list[str]:
     """The comparisons the issue asks for, as sentences computed from the rows."""
     by = {(r["method"], r["compensation"]): r for r in rows}
     out = []
-    g = by.get(("gradmap", "none"))
+    ref = reference_method(rows)
+    g = by.get((ref, "none"))
     if g:
         ratios = [f"{LABELS[m]} {by[(m, 'none')]['prune_seconds'] / g['prune_seconds']:.2f}x"
-                  for m in ROWS if m != "gradmap" and (m, "none") in by]
-        out.append("Layer-selection time relative to GradMAP (> 1: GradMAP faster): " + ", ".join(ratios) + ".")
+                  for m in ROWS if m != ref and (m, "none") in by]
+        out.append(f"Layer-selection time relative to {LABELS[ref]} (> 1: it is faster): " + ", ".join(ratios) + ".")
         by_pass = []
         for m in ROWS:
             r = by.get((m, "none"))
-            if m == "gradmap" or r is None:
+            if m == ref or r is None:
                 continue
             text = f"{LABELS[m]} {r['passes'] / g['passes']:.2f}x"
             if r.get("published_passes", r["passes"]) != r["passes"]:
                 text += f" (full forwards as published: {r['published_passes'] / g['passes']:.2f}x)"
             by_pass.append(text)
-        out.append("Forward-equivalent passes relative to GradMAP (load-independent): " + ", ".join(by_pass) + ".")
+        out.append(f"Forward-equivalent passes relative to {LABELS[ref]} (load-independent): " + ", ".join(by_pass)
+                   + ".")
     for comp in ("none", "every-gap"):
         others = [r for (m, c), r in by.items() if not m.startswith("gradmap") and c == comp]
         for name in ("gradmap", "gradmap-verify"):
@@ -485,7 +499,7 @@ def summarize(rows: list[dict]) -> list[str]:
     if gains:
         out.append("Stage 2 (every-gap) effect on test PPL: " + "; ".join(gains) + ".")
     out += target_check(rows)
-    out += [f"(candidate default) {line}" for line in target_check(rows, ("gradmap-verify", "every-gap"))]
+    out += [f"(paper's selection) {line}" for line in target_check(rows, ("gradmap", "every-gap"))]
     if ("gromov", "replaceme") in by:
         out.append(f"ReplaceMe (Gromov block + closed-form T): test PPL {by[('gromov', 'replaceme')]['ppl']['ppl']:.2f}.")
     fid = [f"{LABELS[r['method']]} {r['spearman']:.2f}" for r in rows if r["compensation"] == "none"]
@@ -527,10 +541,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="default", help="model directory or 'default' (SmolLM2-135M)")
     p.add_argument("--methods", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
-    p.add_argument("--verify-top", type=int, default=3,
-                   help="K of the gradmap-verify row (GradMAP + loss check of its K lowest-scored layers; default 3)")
+    p.add_argument("--verify-top", type=int, default=None,
+                   help="K of the gradmap-verify row (GradMAP + loss check of its K lowest-scored layers; default 3, "
+                        "as gradmap prune)")
     p.add_argument("--verify-windows", type=int, default=None,
-                   help="calibration windows the gradmap-verify row's loss check runs on (default: all)")
+                   help="calibration windows the gradmap-verify row's loss check runs on (default: as gradmap prune, "
+                        "gradmap.methods.gradmap.default_verify_windows)")
+    p.add_argument("--verify-extend", action="store_true",
+                   help="gradmap-verify: while the lowest loss is the last checked layer's, check the next K too "
+                        "(default off, as gradmap prune)")
     p.add_argument("--verify-margin", type=float, default=math.inf,
                    help="gradmap-verify: check only candidates scored within (1 + margin) x the lowest "
                    "(default: all K)")
@@ -577,8 +596,14 @@ def parse_args(argv=None):
     bad = [m for m in args.methods if m not in ROWS]
     if bad:
         p.error(f"--methods: unknown {bad}; accepted: {', '.join(ROWS)}")
-    if args.verify_top < 2:
+    if args.verify_top is not None and args.verify_top < 2:
         p.error(f"--verify-top: must be >= 2 (1 is plain GradMAP), got {args.verify_top}")
+    if args.verify_windows is None:
+        args.verify_windows = default_verify_windows(args.nsamples, args.seqlen)
+    if not 1 <= args.verify_windows <= args.nsamples:
+        p.error(f"--verify-windows: need 1 <= --verify-windows <= --nsamples={args.nsamples}, got {args.verify_windows}")
+    if args.verify_windows == args.nsamples:
+        args.verify_windows = None  # all windows (the cache keys of checks on the whole set carry no window count)
     args.oracle_nsamples = args.oracle_nsamples or args.nsamples
     if args.out is None:
         args.out = str(ROOT / "docs" / "compare" / ("smollm2-135m" if args.model == "default" else
@@ -607,6 +632,8 @@ def main(argv=None) -> int:
     model.eval()
     n_layers = len(get_adapter(model).layers(model))
     target = resolve_target(n_layers, ratio=args.ratio)
+    if args.verify_top is None:
+        args.verify_top = max(2, default_verify_top(n_layers))  # as gradmap prune
     max_len = getattr(model.config, "max_position_embeddings", None)
     calibration = build_calibration(tokenizer, load_text("wiki", "calibration"), nsamples=args.nsamples,
                                     seqlen=args.seqlen, seed=args.seed, max_length=max_len)
@@ -648,6 +675,7 @@ def main(argv=None) -> int:
 
     settings = dict(base, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, metric=args.metric,
                     verify_top=args.verify_top, verify_windows=args.verify_windows, verify_margin=args.verify_margin,
+                    verify_extend=args.verify_extend,
                     replaceme_ridge=args.replaceme_ridge or REPLACEME_RIDGE, oracle_windows=oracle_windows.spec,
                     zeroshot_limit=args.zeroshot_limit, zeroshot_limit_others=args.zeroshot_limit_others,
                     target_rows=sorted(TARGET_ROWS), **eval_settings)
@@ -661,6 +689,8 @@ def main(argv=None) -> int:
             sel_key["verify_top"] = args.verify_top
             if args.verify_windows is not None or args.verify_margin != math.inf:
                 sel_key.update(verify_windows=args.verify_windows, verify_margin=args.verify_margin)
+            if args.verify_extend:
+                sel_key["verify_extend"] = True
         comps = compensations(method)
         row_keys = {c: dict(sel_key, compensation=c, **eval_settings,
                             ridge=(args.replaceme_ridge or REPLACEME_RIDGE) if c == "replaceme" else None)

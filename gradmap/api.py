@@ -34,6 +34,7 @@ from .names import (DEFAULT_COMPENSATION, DEFAULT_METHOD, DEFAULT_METRIC, check_
                     check_method, check_metric)
 from .removal import materialize_pruned, prune_inplace
 from .methods.budget import QualityBudget
+from .methods.gradmap import default_verify_top, default_verify_windows
 from .model_card import write_model_card
 from .report import environment, plot_curve, plot_scores
 from .speed import compare_speed
@@ -145,7 +146,8 @@ class PruneResult:
         report = self.report()
         extra = {REPORT_FILE: json_writer(report)}
         if report["steps"] and all(isinstance(s.removed, int) for s in self.selection.steps):
-            title = scores_title(report["method"], self.settings.get("metric"), self.settings.get("verify_top", 0))
+            title = scores_title(report["method"], self.settings.get("metric"), self.settings.get("verify_top", 0),
+                                 self.settings.get("verify_windows"), self.settings.get("verify_extend", False))
             extra[PLOT_FILE] = lambda p: plot_scores(report["steps"], p, title)
         if self.curve:
             extra[CURVE_FILE] = lambda p: plot_curve(self.curve, p, len(self.removed))
@@ -186,13 +188,16 @@ class PruneResult:
         return f"local/{stem}"
 
 
-def scores_title(method: str, metric: str | None, verify_top: int = 0) -> str:
+def scores_title(method: str, metric: str | None, verify_top: int = 0, verify_windows: int | None = None,
+                 verify_extend: bool = False) -> str:
     """Title of the scores plot: what the plotted scores are and what decided each removal."""
     if method != "gradmap":
         return f"{method} scores (lower = removed first)"
     if verify_top and verify_top > 1:
-        return (f"{metric} scores; each step removed, of the {verify_top} lowest, the one with the lowest "
-                "calibration loss")
+        more = " (or more, while the best was the last checked)" if verify_extend else ""
+        on = f" on {verify_windows} calibration windows" if verify_windows else ""
+        return (f"{metric} scores; each step removed, of the {verify_top} lowest{more}, the one with the lowest "
+                f"calibration loss{on}")
     return f"{metric} scores (lower = removed first)"
 
 
@@ -225,7 +230,7 @@ class _Spec:
 def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, method, metric, compensate_mode, ridge,
                      protected, micro_batch, eval_tokens, eval_seqlen, verify_top, folds, max_memory, device, dtype,
                      inplace, resume, max_ppl_increase, holdout, save_at, backend, verify_windows=None,
-                     verify_margin=None) -> _Spec:
+                     verify_margin=None, verify_extend=False) -> _Spec:
     """Every check that needs no weights (names, target, folds, budget, save points) against the model's config."""
     check_method(method)
     check_metric(metric)
@@ -236,6 +241,9 @@ def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, meth
                          "(gradmap.compensation.trained)")
     if resume is not None and method != "gradmap":
         raise ValueError(f"resume: only method 'gradmap' records resumable decisions, got method {method!r}")
+    default_check = verify_top is None and method == "gradmap"  # sized once the layer count is known (below)
+    if verify_top is None:  # the default: GradMAP's loss check on, nothing for the baselines
+        verify_top = 2 if default_check else 0
     if isinstance(verify_top, bool) or not isinstance(verify_top, int) or verify_top < 0:
         raise ValueError(f"verify_top: must be an integer >= 0, got {verify_top!r}")
     if verify_top and method != "gradmap":
@@ -248,6 +256,12 @@ def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, meth
         raise ValueError(f"verify_margin: must be a finite number >= 0 (None: no margin), got {verify_margin!r}")
     if (verify_windows is not None or verify_margin is not None) and verify_top < 2:
         raise ValueError("verify_windows/verify_margin: apply to the loss check, which needs verify_top >= 2")
+    if verify_top >= 2 and verify_windows is None:
+        verify_windows = default_verify_windows(calibration.nsamples, calibration.seqlen)
+    if not isinstance(verify_extend, bool):
+        raise ValueError(f"verify_extend: must be True or False, got {verify_extend!r}")
+    if verify_extend and verify_top < 2:
+        raise ValueError("verify_extend: applies to the loss check, which needs verify_top >= 2")
     if isinstance(model, nn.Module):
         if max_memory is not None or device is not None or dtype is not None:
             raise ValueError("max_memory/device/dtype: apply to a model given by path; a module computes where it is "
@@ -259,6 +273,8 @@ def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, meth
             raise ValueError("inplace: applies to a model given as an nn.Module")
         config = read_config(resolve_model_path(model))  # the config alone: no weights read before the checks
     limits = ModelLimits.from_config(config)
+    if default_check:
+        verify_top = max(2, default_verify_top(limits.num_layers))
     if max_ppl_increase is not None:
         if holdout is None:
             raise ValueError("max_ppl_increase: needs held-out calibration windows (holdout=...), disjoint from the "
@@ -286,7 +302,7 @@ def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, meth
     settings = {"method": method, "num_layers": target, "ratio": ratio, "metric": metric, "compensate": compensate_mode,
                 "ridge": ridge, "protected": sorted(int(p) for p in protected), "micro_batch": micro_batch,
                 "folds": nfolds, "eval_seqlen": eval_seqlen, "backend": backend, "verify_top": verify_top,
-                "verify_windows": verify_windows, "verify_margin": verify_margin,
+                "verify_windows": verify_windows, "verify_margin": verify_margin, "verify_extend": verify_extend,
                 "inplace": bool(inplace), "max_ppl_increase": max_ppl_increase, "save_at": points}
     return _Spec(target, nfolds, settings, limits)
 
@@ -355,7 +371,7 @@ class _Pipeline:
             self.budget = _SavePoints(hold, s["max_ppl_increase"], self.views, set(s["save_at"]))
         selection = select_layers(traj, self.spec.target, method=s["method"], metric=s["metric"],
                                   protected=s["protected"], backend=s["backend"], verify_top=s["verify_top"],
-                                  verify_windows=s["verify_windows"],
+                                  verify_windows=s["verify_windows"], verify_extend=s["verify_extend"],
                                   verify_margin=math.inf if s["verify_margin"] is None else s["verify_margin"],
                                   recorded=self.recorded, on_step=self._record if self.resume else None,
                                   budget=self.budget)
@@ -418,8 +434,9 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
           compensate_mode: str = DEFAULT_COMPENSATION, ridge: float | None = None,
           protected: list[int] | tuple[int, ...] = (), micro_batch: int = 8, eval_tokens: torch.Tensor | None = None,
           eval_seqlen: int = 1024, eval_max_tokens: int | None = None, seed: int = 0, inplace: bool = False,
-          backend: str = "hooks", progress: bool = False, resume: str | Path | None = None, verify_top: int = 0,
-          verify_windows: int | None = None, verify_margin: float | None = None, folds: int | None = None, max_memory=None, device: str | torch.device | None = None,
+          backend: str = "hooks", progress: bool = False, resume: str | Path | None = None, verify_top: int | None = None,
+          verify_windows: int | None = None, verify_margin: float | None = None, verify_extend: bool = False,
+          folds: int | None = None, max_memory=None, device: str | torch.device | None = None,
           dtype: str | torch.dtype | None = None, holdout: Calibration | None = None,
           max_ppl_increase: float | None = None, save_at=(), measure_speed: bool = False) -> PruneResult:
     """Remove ``num_layers`` (or ``ratio`` of the) decoder layers with GradMAP (or a baseline) and repair the model.
@@ -450,9 +467,14 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
         backend: ``"hooks"`` or ``"fused"`` weight-gradient reduction for the weight metrics.
         verify_top: ``method="gradmap"`` only: each decision removes, among the ``verify_top`` lowest-scored layers,
             the one whose removal gives the lowest calibration NLL (our extension; 0 = the paper's metric alone).
-        verify_windows: the check runs on this many calibration windows (whole micro-batches spread over the set;
-            ``None``: all); ``verify_margin``: only candidates scored within ``(1 + margin)`` x the lowest score are
-            checked (``None``: all ``verify_top``) (:func:`gradmap.methods.gradmap.select_gradmap`).
+            ``None`` (default): 3 for GradMAP (:func:`gradmap.methods.gradmap.default_verify_top`), 0 for the
+            baselines.
+        verify_windows: the check runs on this many calibration windows (the first windows of micro-batches spread
+            over the set, :func:`gradmap.methods.gradmap.verify_subset`; ``None``: the default rule; pass
+            ``calibration.nsamples`` for all); ``verify_margin``: only candidates scored within ``(1 + margin)`` x the lowest score are
+            checked (``None``: all ``verify_top``); ``verify_extend``: while the lowest NLL is the last checked
+            layer's, the next ``verify_top`` layers by score are checked too (off by default: measured not to pay,
+            docs/metric_selection.md) (:func:`gradmap.methods.gradmap.select_gradmap`).
         resume: path of a stage-1 state file (:mod:`gradmap.resume`): written after every decision (rank 0); if it
             already holds decisions of the same model, calibration and settings, they are replayed.
         folds: stage-2 cross-validation groups (default ``min(4, nsamples)``; needs ``2 <= folds <= nsamples``).
@@ -485,7 +507,7 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
     spec = _check_arguments(model, calibration, num_layers=num_layers, ratio=ratio, method=method, metric=metric,
                             compensate_mode=compensate_mode, ridge=ridge, protected=protected, micro_batch=micro_batch,
                             eval_tokens=eval_tokens, eval_seqlen=eval_seqlen, verify_top=verify_top, folds=folds,
-                            verify_windows=verify_windows, verify_margin=verify_margin,
+                            verify_windows=verify_windows, verify_margin=verify_margin, verify_extend=verify_extend,
                             max_memory=max_memory, device=device, dtype=dtype, inplace=inplace, resume=resume,
                             max_ppl_increase=max_ppl_increase, holdout=holdout, save_at=save_at, backend=backend)
     weights, tokenizer, source_path, plan = _open(model, calibration, spec, parallel=parallel, max_memory=max_memory,
@@ -500,6 +522,8 @@ def prune(model: nn.Module | str | os.PathLike, calibration: Calibration, *, num
         decisions = {k: settings[k] for k in ("num_layers", "metric", "protected", "micro_batch", "backend", "seed",
                                               "verify_top", "folds", "dtype")}
         decisions.update({k: settings[k] for k in ("verify_windows", "verify_margin") if settings[k] is not None})
+        if settings["verify_extend"]:
+            decisions["verify_extend"] = True
         run_id = fingerprint(weights, calibration, decisions)
         recorded = load_state(resume, run_id)
         if recorded:

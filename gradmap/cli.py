@@ -43,6 +43,7 @@ from .engine.memory import GiB, ModelShape, RunSettings, plan_run
 from .engine.allocator import return_large_blocks_to_os
 from .evaluation import perplexity
 from .export_gguf import export_gguf, roundtrip_check
+from .methods.gradmap import default_verify_top
 from .methods.metrics import layer_scores
 from .models import (NAMED_MODELS, check_model_dir, default_dtype, load_model, parse_dtype, read_config,
                      resolve_model_path)
@@ -140,12 +141,16 @@ def _prune_args(p: argparse.ArgumentParser, *, plan: bool = False) -> None:
                    help=f"layer selection: GradMAP or a baseline (default {DEFAULT_METHOD})")
     p.add_argument("--metric", default=None, choices=METRICS,
                    help=f"stage-1 metric of --method gradmap (default {DEFAULT_METRIC})")
-    p.add_argument("--verify-top", type=int, default=0, metavar="K",
+    p.add_argument("--verify-top", type=int, default=None, metavar="K",
                    help="--method gradmap: each decision removes, of the K lowest-scored layers, the one whose removal "
-                        "gives the lowest calibration loss (K resumed forwards; default 0 = the gradient metric alone)")
+                        "gives the lowest calibration loss (K resumed forwards; default 3; 0 = the paper's gradient "
+                        "metric alone)")
     p.add_argument("--verify-windows", type=int, default=None, metavar="N",
-                   help="--verify-top: run the loss check on N calibration windows only (whole micro-batches spread "
-                        "over the set; default: all)")
+                   help="--verify-top: run the loss check on N calibration windows only (default: an eighth of "
+                        "--nsamples, at least 1024 tokens' worth; --nsamples for all)")
+    p.add_argument("--verify-extend", action="store_true",
+                   help="--verify-top: while the lowest loss is the last checked layer's, check the next K layers by "
+                        "score too (default off: exactly K)")
     p.add_argument("--verify-margin", type=float, default=None, metavar="M",
                    help="--verify-top: check only layers scored within (1 + M) x the lowest score (default: all K)")
     p.add_argument("--compensate", default=DEFAULT_COMPENSATION, choices=COMPENSATIONS,
@@ -406,19 +411,22 @@ def _check_prune_flags(args, limits: ModelLimits) -> None:
         raise ValueError("--ridge: has no effect with --compensate none")
     if args.folds is not None and args.compensate == "none":
         raise ValueError("--folds: has no effect with --compensate none")
-    if args.verify_top < 0:
+    verify_top = _verify_top(args, limits.num_layers)
+    if verify_top < 0:
         raise ValueError(f"--verify-top: must be >= 0, got {args.verify_top}")
     if args.verify_top and args.method != "gradmap":
         raise ValueError(f"--verify-top: applies to --method gradmap only, not --method {args.method}")
-    if (args.verify_windows is not None or args.verify_margin is not None) and args.verify_top < 2:
+    if (args.verify_windows is not None or args.verify_margin is not None) and verify_top < 2:
         raise ValueError("--verify-windows/--verify-margin: apply to the loss check of --verify-top K (K >= 2)")
+    if args.verify_extend and verify_top < 2:
+        raise ValueError("--verify-extend: applies to the loss check of --verify-top K (K >= 2)")
     if args.verify_windows is not None and not 1 <= args.verify_windows <= args.nsamples:
         raise ValueError(f"--verify-windows: need 1 <= --verify-windows <= --nsamples={args.nsamples}, "
                          f"got {args.verify_windows}")
     if args.verify_margin is not None and not (math.isfinite(args.verify_margin) and args.verify_margin >= 0):
         raise ValueError(f"--verify-margin: must be a finite number >= 0, got {args.verify_margin}")
-    if args.verify_top > limits.num_layers:
-        raise ValueError(f"--verify-top: {args.verify_top} is more than the model's {limits.num_layers} decoder "
+    if verify_top > limits.num_layers:
+        raise ValueError(f"--verify-top: {verify_top} is more than the model's {limits.num_layers} decoder "
                          "layers (at that size it is SLEB at SLEB's cost; use --method sleb)")
     if args.folds is not None and not 2 <= args.folds <= args.nsamples:
         raise ValueError(f"--folds: need 2 <= --folds <= --nsamples={args.nsamples}, got {args.folds}")
@@ -439,12 +447,20 @@ def _check_prune_flags(args, limits: ModelLimits) -> None:
         raise ValueError(f"--save-at: {too_far} exceed the {target} layers the run removes at most")
 
 
-def _run_settings(args, parallel_world: int) -> RunSettings:
+def _verify_top(args, num_layers: int) -> int:
+    """``--verify-top`` as given, or its default for a model of ``num_layers`` decoder layers: 3 for GradMAP
+    (:func:`gradmap.methods.gradmap.default_verify_top`), 0 for the baselines."""
+    if args.verify_top is not None:
+        return args.verify_top
+    return max(2, default_verify_top(num_layers)) if args.method == "gradmap" else 0
+
+
+def _run_settings(args, parallel_world: int, num_layers: int) -> RunSettings:
     compensating = args.compensate != "none"
     return RunSettings(nsamples=args.nsamples, seqlen=args.seqlen, micro_batch=args.micro_batch,
                        world_size=parallel_world, compensate=compensating,
                        folds=(args.folds or min(4, args.nsamples)) if compensating else 1,
-                       candidates=args.verify_top or (1 if args.method == "gradmap" else 2),
+                       candidates=_verify_top(args, num_layers) or (1 if args.method == "gradmap" else 2),
                        eval_seqlen=None if args.no_eval else args.eval_seqlen)
 
 
@@ -474,7 +490,8 @@ def _plan(args, path: Path, device: torch.device, world: int):
     skeleton = build_skeleton(read_config(path))
     capacity = (torch.cuda.get_device_properties(device).total_memory
                 if device.type == "cuda" and torch.cuda.is_available() else None)
-    return plan_run(ModelShape.from_model(skeleton), _run_settings(args, world), device=device,
+    shape = ModelShape.from_model(skeleton)
+    return plan_run(shape, _run_settings(args, world, shape.num_layers), device=device,
                     dtype=parse_dtype(args.dtype), max_memory=args.max_memory, device_capacity=capacity)
 
 
@@ -561,6 +578,7 @@ def cmd_prune(args) -> int:
                        backend=args.backend, progress=not args.quiet and parallel.is_main,
                        resume=state if args.method == "gradmap" else None, verify_top=args.verify_top,
                        verify_windows=args.verify_windows, verify_margin=args.verify_margin,
+                       verify_extend=args.verify_extend,
                        folds=args.folds, max_memory=args.max_memory, device=device, dtype=args.dtype)
         result.settings.update(model=str(args.model), text=args.text, eval_text=args.eval_text,
                                text_split=calib_split)

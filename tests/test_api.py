@@ -26,8 +26,8 @@ RELOAD = textwrap.dedent("""
         assert not any(k.startswith("gradmap") for k in sys.modules), "gradmap was imported"
         with torch.no_grad():
             logits = m(ids).logits
-        cached = m.generate(ids[:1, :4], max_new_tokens=20, do_sample=False, use_cache=True, pad_token_id=0)
-        plain = m.generate(ids[:1, :4], max_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0)
+        cached = m.generate(ids[:1, :4], max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=True, pad_token_id=0)
+        plain = m.generate(ids[:1, :4], max_new_tokens=20, min_new_tokens=20, do_sample=False, use_cache=False, pad_token_id=0)
         torch.save({"logits": logits, "cached": cached, "plain": plain,
                     "tied": m.get_output_embeddings().weight.data_ptr() == m.get_input_embeddings().weight.data_ptr(),
                     "layer_idx": [sorted({x.layer_idx for x in l.modules()

@@ -71,15 +71,21 @@ def test_zero_shot_stderr_and_targets():
         z = {"average": avg, "tasks": {"a": {"headline": "acc", "acc": avg, "acc_stderr": se, "n": 500}}}
         return {"method": method, "compensation": comp, "ppl": {"ppl": ppl}, "prune_seconds": seconds, "zeroshot": z}
 
-    rows = [row("gradmap", "every-gap", 50.0, 10.0, 0.50, 0.03), row("sleb", "none", 51.0, 45.0, 0.53, 0.04),
+    rows = [row("gradmap-verify", "every-gap", 50.0, 10.0, 0.50, 0.03), row("sleb", "none", 51.0, 45.0, 0.53, 0.04),
             row("sleb", "every-gap", 50.5, 45.0, 0.52, 0.04)]
     verdicts = script.target_check(rows)
     assert "PASS" in verdicts[0] and "50.50" in verdicts[0]            # 50.0 <= best SLEB 50.5
     assert "4.50x" in verdicts[1] and "PASS" in verdicts[1]            # 45 / 10
     assert "-0.030" in verdicts[2] and "0.050" in verdicts[2] and "PASS" in verdicts[2]  # -0.03 >= -sqrt(.03²+.04²)
-    rows[0] = row("gradmap", "every-gap", 50.6, 12.0, 0.46, 0.03)
+    rows[0] = row("gradmap-verify", "every-gap", 50.6, 12.0, 0.46, 0.03)
     verdicts = script.target_check(rows)
     assert all("FAIL" in v for v in verdicts)                          # 50.6 > 50.5; 3.75x; -0.07 < -0.05
+    # the time ratios are taken against the shipped default's selection when it is there, else the paper's
+    assert script.reference_method(rows) == "gradmap-verify"
+    assert script.reference_method([row("gradmap", "none", 60.0, 8.0, 0.5, 0.03)]) == "gradmap"
+    # the gradmap-verify row checks as gradmap prune does by default: 4 of 32x256 windows; all of 8x64 (no count)
+    assert script.parse_args(["--full"]).verify_windows == 4
+    assert script.parse_args([]).verify_windows is None
 
 
 def test_interrupted_sleb_resumes_from_its_recorded_decisions(tmp_path):

@@ -21,7 +21,7 @@ from gradmap.engine import Engine, Windows
 from gradmap.methods import select_layers
 from gradmap.methods.blockpruner import RemovedSubBlock, select_blockpruner
 from gradmap.methods.fidelity import oracle_loss_increase, spearman, spearman_fallback
-from gradmap.methods.gradmap import verify_subset
+from gradmap.methods.gradmap import default_verify_top, default_verify_windows, verify_subset
 from gradmap.methods.gromov import angular_distances, select_gromov
 from gradmap.methods.ppl import leave_one_out_losses, select_ppl, select_sleb
 from gradmap.methods.shortgpt import block_influence
@@ -393,6 +393,72 @@ def test_verify_subset_by_hand():
         verify_subset(windows, 0)
 
 
+def test_verify_extend_checks_on_while_the_best_is_the_last(monkeypatch):
+    """verify_extend: the metric's ranking is replaced by a known order (worst layer first, then a real layer with a
+    lower NLL, then the identity layer 3, then the rest); with verify_top=2 the first pair's best is its last, so the
+    next two are checked, where the identity layer wins inside the range and the check stops: 4 layers checked, layer
+    3 removed. Without the extension: only the first pair, and its better one removed. NLLs of the oracle: each
+    reference model without the layer (model_nll)."""
+    model, cal = constructed("llama", identity=3)
+    nll = {}
+    for layer in range(6):
+        ref = copy.deepcopy(model)
+        remove_layers(ref, [layer])
+        total, count = model_nll(ref, cal)
+        nll[layer] = total / count
+    real = sorted((layer for layer in range(6) if layer != 3), key=nll.get, reverse=True)  # worst first
+    order = [real[0], real[1], 3] + real[2:]
+    rank = {layer: float(i) for i, layer in enumerate(order)}
+
+    def fake_scores(traj, metric, backend="hooks"):
+        return torch.tensor([rank[o] for o in traj.view.kept]), {}
+
+    monkeypatch.setattr("gradmap.methods.gradmap.layer_scores", fake_scores)
+    with session(model, cal, micro_batch=2) as (engine, traj):
+        sel = select_layers(traj, 1, method="gradmap", verify_top=2, verify_extend=True)
+    checked = {int(k): v for k, v in sel.extra["verified"][0].items()}
+    assert sorted(checked) == sorted(order[:4]) and sel.removed == [3]
+    for layer, value in checked.items():
+        assert value == pytest.approx(nll[layer], rel=1e-5)
+    with session(model, cal, micro_batch=2) as (engine, traj):
+        sel = select_layers(traj, 1, method="gradmap", verify_top=2)
+    assert sorted(int(k) for k in sel.extra["verified"][0]) == sorted(order[:2]) and sel.removed == [real[1]]
+
+
+def test_default_verify_top_by_hand():
+    """min(3, num_layers): 30 -> 3, 18 -> 3, 2 -> 2, 1 -> 1."""
+    assert [default_verify_top(n) for n in (30, 18, 2, 1)] == [3, 3, 2, 1]
+    with pytest.raises(ValueError, match="default_verify_top"):
+        default_verify_top(0)
+
+
+def test_default_verify_windows_by_hand():
+    """min(nsamples, max(ceil(nsamples / 8), ceil(1024 / seqlen))): 32x256 -> max(4, 4) = 4; 16x256 -> max(2, 4) = 4;
+    128x2048 -> max(16, 1) = 16; 8x64 -> max(1, 16) capped at 8; 3x1000 -> max(1, 2) = 2."""
+    assert default_verify_windows(32, 256) == 4 and default_verify_windows(16, 256) == 4
+    assert default_verify_windows(128, 2048) == 16 and default_verify_windows(8, 64) == 8
+    assert default_verify_windows(3, 1000) == 2
+    with pytest.raises(ValueError, match="default_verify_windows"):
+        default_verify_windows(0, 256)
+
+
+def test_prune_defaults_to_the_loss_check():
+    """prune() with no verify arguments runs GradMAP with the loss check of its 3 lowest-scored layers on
+    the default window count (here 4x16 windows: max(1, 64) capped at 4 = all 4); the baselines get no check;
+    verify_top=0 is the paper's metric alone."""
+    model = tiny_model("llama")
+    cal = random_calibration(4, 16)
+    result = prune(model, cal, num_layers=1, compensate_mode="none", micro_batch=2)
+    assert result.settings["verify_top"] == 3 and result.settings["verify_windows"] == 4
+    assert result.settings["verify_extend"] is False
+    assert len(result.selection.extra["verified"][0]) == 3
+    plain = prune(model, cal, num_layers=1, compensate_mode="none", micro_batch=2, verify_top=0)
+    assert plain.settings["verify_top"] == 0 and plain.settings["verify_windows"] is None
+    assert "verified" not in plain.selection.extra
+    sleb = prune(model, cal, num_layers=1, method="sleb", compensate_mode="none", micro_batch=2)
+    assert sleb.settings["verify_top"] == 0
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_verify_on_part_of_a_micro_batch(family):
     """verify_windows smaller than the micro-batch: the check's NLL is the reference model's NLL on exactly those
@@ -418,12 +484,14 @@ def test_verify_top_is_refused_for_baselines():
     with pytest.raises(ValueError, match="verify_top: must be an integer"):
         prune(model, random_calibration(4, 16), num_layers=1, verify_top=1.5, compensate_mode="none")
     with pytest.raises(ValueError, match="verify_windows/verify_margin: apply to the loss check"):
-        prune(model, random_calibration(4, 16), num_layers=1, verify_windows=2, compensate_mode="none")
+        prune(model, random_calibration(4, 16), num_layers=1, verify_top=0, verify_windows=2, compensate_mode="none")
     with pytest.raises(ValueError, match="verify_margin: must be a finite number"):
         prune(model, random_calibration(4, 16), num_layers=1, verify_top=2, verify_margin=float("nan"),
               compensate_mode="none")
     with pytest.raises(ValueError, match="verify_windows: must be a positive"):
         prune(model, random_calibration(4, 16), num_layers=1, verify_top=2, verify_windows=0, compensate_mode="none")
+    with pytest.raises(ValueError, match="verify_extend: applies to the loss check"):
+        prune(model, random_calibration(4, 16), num_layers=1, verify_top=0, verify_extend=True, compensate_mode="none")
     result = prune(model, random_calibration(4, 16), num_layers=1, verify_top=2, verify_windows=2, verify_margin=0.5,
                    compensate_mode="none", micro_batch=1)
     assert result.settings["verify_windows"] == 2 and result.settings["verify_margin"] == 0.5

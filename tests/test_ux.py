@@ -85,7 +85,10 @@ def test_verify_top_beyond_the_layer_count_is_refused(model_dir, tmp_path, capsy
 
 
 def test_verify_check_options_are_validated(model_dir, tmp_path, capsys, tripwire):
-    for extra, message in ((["--verify-windows", "2"], "--verify-windows/--verify-margin: apply to the loss check"),
+    for extra, message in ((["--verify-top", "0", "--verify-windows", "2"],
+                            "--verify-windows/--verify-margin: apply to the loss check"),
+                           (["--verify-windows", "0"], "--verify-windows: need 1 <="),  # the default check's flag
+                           (["--verify-top", "0", "--verify-extend"], "--verify-extend: applies to the loss check"),
                            (["--verify-top", "3", "--verify-windows", "0"], "--verify-windows: need 1 <="),
                            (["--verify-top", "3", "--verify-margin", "-1"], "--verify-margin: must be a finite")):
         assert main(base(model_dir, tmp_path, *extra, "--output", str(tmp_path / "o"))) == 2

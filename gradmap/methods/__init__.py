@@ -35,15 +35,15 @@ from .taylor_plus import select_taylor_plus
 
 def select_layers(traj: Trajectory, target: int, *, method: str = "gradmap", metric: str = "grad_update_norm",
                   protected=(), backend: str = "hooks", verify_top: int = 0, verify_windows: int | None = None,
-                  verify_margin: float = math.inf, recorded: list[Step] | None = None, on_step=None,
-                  budget=None) -> Selection:
+                  verify_margin: float = math.inf, verify_extend: bool = False, recorded: list[Step] | None = None,
+                  on_step=None, budget=None) -> Selection:
     """Select and remove ``target`` decoder layers from the engine's (dense) live view with ``method``.
 
     Args:
         traj: the calibration set's trajectory through the engine's live view.
         target: layers to remove (BlockPruner: the parameters of ``target`` layers, see :mod:`.blockpruner`).
-        metric, backend, verify_top, verify_windows, verify_margin: GradMAP's options (:func:`.gradmap.select_gradmap`);
-            the other methods ignore them (the API refuses them for baselines).
+        metric, backend, verify_top, verify_windows, verify_margin, verify_extend: GradMAP's options
+            (:func:`.gradmap.select_gradmap`); the other methods ignore them (the API refuses them for baselines).
         recorded, on_step: decisions to replay and a callback after each new decision (GradMAP and SLEB; the other
             methods ignore them).
         protected: original indices never removed.
@@ -60,6 +60,7 @@ def select_layers(traj: Trajectory, target: int, *, method: str = "gradmap", met
     if method == "gradmap":
         return select_gradmap(traj, target, metric=metric, backend=backend, protected=protected,
                               verify_top=verify_top, verify_windows=verify_windows, verify_margin=verify_margin,
+                              verify_extend=verify_extend,
                               recorded=recorded, on_step=on_step, budget=budget)
     if method == "shortgpt":
         return select_shortgpt(traj, target, protected=protected, budget=budget)

@@ -11,7 +11,10 @@ the gradient metric shortlists, the loss decides, as SLEB does over all layers. 
 (also our extension): ``verify_windows`` computes the shortlist's NLL on an evenly spread subset of the calibration
 windows only (the same subset at every step, so the candidates are compared on the same tokens), and
 ``verify_margin`` = m shortlists only the candidates whose score is within a factor ``1 + m`` of the lowest score
-(no check at all when the lowest is that far ahead of the runner-up).
+(no check at all when the lowest is that far ahead of the runner-up). ``verify_extend`` (also ours) widens the
+shortlist where the metric's ranking is evidently off: when the lowest NLL belongs to the shortlist's LAST
+(highest-scored) layer, the next ``verify_top`` layers by score are checked too, and so on while the winner stays at
+the end (the rule the stage-2 ridge grid follows at its ends); where the metric ranks well it costs nothing extra.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_norm", backend: str = "hooks",
                    protected=(), verify_top: int = 0, verify_windows: int | None = None,
-                   verify_margin: float = math.inf, recorded: list[Step] | None = None,
+                   verify_margin: float = math.inf, verify_extend: bool = False, recorded: list[Step] | None = None,
                    on_step: Callable[[Selection], None] | None = None, budget=None) -> Selection:
     """Remove ``target`` layers from the engine's live view, one per scoring pass, lowest score first.
 
@@ -42,6 +45,8 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
         verify_windows: calibration windows the check runs on (:func:`verify_subset`: the first windows of
             micro-batches spread evenly over the set); ``None``: all.
         verify_margin: shortlist only candidates with score <= (1 + margin) x the lowest score (default: no limit).
+        verify_extend: while the lowest NLL is the shortlist's last (highest-scored) layer, check the next
+            ``verify_top`` layers by score too (module docstring; measured not to pay, docs/metric_selection.md).
         recorded: decisions of an interrupted run to replay without scoring (:mod:`gradmap.resume`).
         on_step: called with the selection after every new decision (to record it).
         budget: a :class:`gradmap.methods.budget.QualityBudget` asked before every removal (the selection stops at
@@ -78,11 +83,18 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
             bound = math.inf if math.isinf(verify_margin) else lowest + verify_margin * abs(lowest)
             shortlist = [orig for s, orig in candidates[:verify_top] if s <= bound]
             if verify_top > 1 and len(shortlist) > 1:
-                losses = traj.candidate_losses([Candidate(kept.index(o), skip=True, batches=check_batches,
-                                                          rows=check_rows)
-                                                for o in shortlist], desc="verify")
-                nll = {o: total / max(count, 1) for o, (total, count) in zip(shortlist, losses)}
-                victim = min(nll, key=lambda o: (nll[o], by_orig[o]))
+                nll: dict[int, float] = {}
+                batch = shortlist
+                while batch:
+                    losses = traj.candidate_losses([Candidate(kept.index(o), skip=True, batches=check_batches,
+                                                              rows=check_rows)
+                                                    for o in batch], desc="verify")
+                    nll.update({o: total / max(count, 1) for o, (total, count) in zip(batch, losses)})
+                    victim = min(nll, key=lambda o: (nll[o], by_orig[o]))
+                    if not verify_extend or victim != shortlist[-1]:
+                        break  # the best lies inside the checked range: the ranking beyond it is not in doubt
+                    batch = [orig for s, orig in candidates[len(shortlist):len(shortlist) + verify_top] if s <= bound]
+                    shortlist = shortlist + batch
                 selection.extra.setdefault("verified", []).append({str(o): v for o, v in nll.items()})
             elif verify_top > 1:
                 selection.extra.setdefault("verified", []).append({})
@@ -94,6 +106,44 @@ def select_gradmap(traj: Trajectory, target: int, *, metric: str = "grad_update_
         if on_step is not None:
             on_step(selection)
     return selection
+
+
+DEFAULT_VERIFY_TOP = 3
+"""Shortlist size of the default loss check: the 3 lowest-scored layers. Measured against a third of the layers (10
+of SmolLM2's 30, 6 of Gemma-3-270M's 18), which follows the loss-greedy search (SLEB) more closely and lost on test
+PPL on both models (docs/metric_selection.md)."""
+
+
+def default_verify_top(num_layers: int) -> int:
+    """Shortlist size of the default loss check for a model of ``num_layers`` decoder layers:
+    ``min(DEFAULT_VERIFY_TOP, num_layers)`` (:data:`DEFAULT_VERIFY_TOP` = 3).
+
+    Raises:
+        ValueError: ``num_layers`` < 1.
+    """
+    if num_layers < 1:
+        raise ValueError(f"default_verify_top: need num_layers >= 1, got {num_layers}")
+    return min(DEFAULT_VERIFY_TOP, num_layers)
+
+
+VERIFY_FRACTION = 8
+"""The default check runs on 1/VERIFY_FRACTION of the calibration windows (its cost a fixed share of a scoring step's
+at any calibration size) ..."""
+VERIFY_MIN_TOKENS = 1024
+"""... and on at least this many tokens (all windows when the set is smaller): the smallest check measured to take
+the same decisions as a check on twice the tokens (docs/metric_selection.md)."""
+
+
+def default_verify_windows(nsamples: int, seqlen: int) -> int:
+    """Windows the default loss check runs on: ``min(nsamples, max(ceil(nsamples / 8), ceil(1024 / seqlen)))``
+    (:data:`VERIFY_FRACTION`, :data:`VERIFY_MIN_TOKENS`): 4 of 32×256 or of 16×256 windows, all of 8×64.
+
+    Raises:
+        ValueError: ``nsamples`` or ``seqlen`` < 1.
+    """
+    if nsamples < 1 or seqlen < 1:
+        raise ValueError(f"default_verify_windows: need nsamples >= 1 and seqlen >= 1, got {nsamples}, {seqlen}")
+    return min(nsamples, max(math.ceil(nsamples / VERIFY_FRACTION), math.ceil(VERIFY_MIN_TOKENS / seqlen)))
 
 
 def verify_subset(windows, count: int | None) -> tuple[frozenset[int] | None, slice | None]:
