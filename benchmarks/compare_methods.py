@@ -633,7 +633,7 @@ def main(argv=None) -> int:
     n_layers = len(get_adapter(model).layers(model))
     target = resolve_target(n_layers, ratio=args.ratio)
     if args.verify_top is None:
-        args.verify_top = max(2, default_verify_top(n_layers))  # as gradmap prune
+        args.verify_top = max(2, default_verify_top(n_layers))  # as gradmap prune (>= 2: the row is the check)
     max_len = getattr(model.config, "max_position_embeddings", None)
     calibration = build_calibration(tokenizer, load_text("wiki", "calibration"), nsamples=args.nsamples,
                                     seqlen=args.seqlen, seed=args.seed, max_length=max_len)

@@ -274,7 +274,8 @@ def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, meth
         config = read_config(resolve_model_path(model))  # the config alone: no weights read before the checks
     limits = ModelLimits.from_config(config)
     if default_check:
-        verify_top = max(2, default_verify_top(limits.num_layers))
+        verify_top = default_verify_top(limits.num_layers)
+        verify_top = verify_top if verify_top >= 2 else 0  # a one-layer model: nothing to compare
     if max_ppl_increase is not None:
         if holdout is None:
             raise ValueError("max_ppl_increase: needs held-out calibration windows (holdout=...), disjoint from the "

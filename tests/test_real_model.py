@@ -49,10 +49,11 @@ def test_prune_smollm_by_8_layers(run):
     ppl = {k: v["ppl"] for k, v in run.perplexity.items()}
     assert all(math.isfinite(v) for v in ppl.values())
     assert len(run.removed) == 8 and run.model.config.num_hidden_layers == 22
-    # measured (CLI quick start, same calibration, 16,368 test tokens): dense 17.74, pruned 68.41, compensated 59.09
-    assert sorted(run.removed) == [5, 12, 13, 14, 17, 18, 25, 26]
+    # measured (CLI quick start, same calibration and default loss check, 16,368 test tokens): dense 17.74,
+    # pruned 57.01, compensated 47.48
+    assert sorted(run.removed) == [5, 12, 13, 14, 16, 17, 18, 26]
     assert 15 < ppl["dense"] < 22
-    assert 50 < ppl["pruned"] < 90
+    assert 40 < ppl["pruned"] < 80
     assert ppl["compensated"] < 0.93 * ppl["pruned"]  # stage 2 recovers >= 7 % of the PPL (measured 13.6 %)
     assert run.compensation.fits and all(f.loss_after <= f.loss_before for f in run.compensation.fits)
     assert 0 not in run.removed and 29 not in run.removed  # first and last layers are never the least important

@@ -17,7 +17,9 @@ from gradmap import prune
 from gradmap.engine.memory import GiB, ModelShape, RunSettings, parse_max_memory, plan_run
 from gradmap.engine.weights import build_skeleton
 
-SETTINGS = dict(num_layers=2, metric="grad_update_norm", compensate_mode="every-gap", micro_batch=2)
+# the metric's decisions (verify_top=0): on a random tiny model the loss check's candidates can tie to within the
+# rounding of a sum split across ranks; the check's data-parallel path is covered by the torchrun CLI test below
+SETTINGS = dict(num_layers=2, metric="grad_update_norm", compensate_mode="every-gap", micro_batch=2, verify_top=0)
 
 
 def _summary(result) -> dict:
