@@ -71,7 +71,7 @@ from gradmap.names import DEFAULT_METRIC, METHODS  # noqa: E402
 from gradmap.removal import materialize_pruned  # noqa: E402
 from gradmap.report import environment  # noqa: E402
 from gradmap.validation import resolve_target  # noqa: E402
-from gradmap.zeroshot import evaluate_zero_shot  # noqa: E402
+from gradmap.zeroshot import evaluate_zero_shot, parse_tasks  # noqa: E402
 
 log = logging.getLogger("compare_methods")
 MIB = 2**20
@@ -290,11 +290,39 @@ def evaluate_ppl(engine, eval_ids, args) -> dict:
     return {"ppl": ppl, "eval_seconds": time.perf_counter() - t0}
 
 
-def evaluate_zs(engine, tokenizer, limit: int, args) -> dict:
-    """Zero-shot accuracy of the materialised live view, first ``limit`` items per task (0: all items)."""
+def evaluate_zs(engine, tokenizer, limit: int, args, cache: "Cache", key: dict) -> dict:
+    """Zero-shot accuracy of the materialised live view, first ``limit`` items per task (0: all items).
+
+    Resumable per task: each task's result is cached as ``zeroshot-task`` under ``key`` + the task name, so a run
+    stopped inside a row (a 500-item row takes tens of minutes on a CPU) restarts at the first unfinished task; the
+    per-task records are removed once the row's record (``zeroshot`` under ``key``) is written by the caller. The
+    merged record's ``average`` is the mean of the tasks' headline metrics (:class:`gradmap.zeroshot.ZeroShotResult`).
+    """
     pruned = materialize_pruned(engine.weights, engine.view)
-    zs = evaluate_zero_shot(pruned, tokenizer, args.tasks, limit=limit or None, batch_size=args.zeroshot_batch_size)
-    return zs.as_dict()
+    tasks = parse_tasks(args.tasks)
+    parts, t0 = {}, time.perf_counter()
+    for n, task in enumerate(tasks, 1):
+        task_key = dict(key, task=task)
+        part = cache.get("zeroshot-task", task_key)
+        if part is None:
+            part = cache.put("zeroshot-task", task_key, evaluate_zero_shot(
+                pruned, tokenizer, [task], limit=limit or None, batch_size=args.zeroshot_batch_size).as_dict())
+            log.info("  zero-shot %d/%d %s: %s %.4f on %d items, %.0f s (row %.0f s so far)", n, len(tasks), task,
+                     part["tasks"][task]["headline"], part["tasks"][task][part["tasks"][task]["headline"]],
+                     part["tasks"][task]["n"], part["tasks"][task]["seconds"], time.perf_counter() - t0)
+        parts[task] = part
+    first = parts[tasks[0]]
+    merged = {"tasks": {t: parts[t]["tasks"][t] for t in tasks},
+              "average": sum(parts[t]["tasks"][t][parts[t]["tasks"][t]["headline"]] for t in tasks) / len(tasks),
+              "limit": first["limit"], "seconds": sum(p["seconds"] for p in parts.values()),
+              "versions": first["versions"], "scorer": first.get("scorer")}
+    return merged
+
+
+def drop_task_parts(cache: "Cache", key: dict, tasks: str) -> None:
+    """Remove the per-task zero-shot records of a row once its merged record is cached."""
+    for task in parse_tasks(tasks):
+        cache.path("zeroshot-task", dict(key, task=task)).unlink(missing_ok=True)
 
 
 def zs_average_stderr(zs: dict) -> float | None:
@@ -633,7 +661,7 @@ def main(argv=None) -> int:
     n_layers = len(get_adapter(model).layers(model))
     target = resolve_target(n_layers, ratio=args.ratio)
     if args.verify_top is None:
-        args.verify_top = max(2, default_verify_top(n_layers))  # as gradmap prune (>= 2: the row is the check)
+        args.verify_top = default_verify_top(n_layers)  # as gradmap prune
     max_len = getattr(model.config, "max_position_embeddings", None)
     calibration = build_calibration(tokenizer, load_text("wiki", "calibration"), nsamples=args.nsamples,
                                     seqlen=args.seqlen, seed=args.seed, max_length=max_len)
@@ -660,7 +688,8 @@ def main(argv=None) -> int:
                 dense = cache.put("dense", dense_key, evaluate_ppl(engine, eval_ids, args))
             if args.zeroshot_limit >= 0 and dense_zs is None:
                 dense_zs = cache.put("zeroshot", dense_zs_key, evaluate_zs(engine, tokenizer, args.zeroshot_limit,
-                                                                           args))
+                                                                           args, cache, dense_zs_key))
+                drop_task_parts(cache, dense_zs_key, args.tasks)
     dense = dict(dense, zeroshot=dense_zs) if dense_zs else dense
     oracle_key = dict(base, row="oracle", windows=oracle_windows.spec)
     oracle = cache.get("oracle", oracle_key)
@@ -757,7 +786,9 @@ def main(argv=None) -> int:
                                **ev}
                         row = cache.put("row", row_keys[comp], row)
                     if limits[comp] >= 0 and zs is None:
-                        zs = cache.put("zeroshot", zs_keys[comp], evaluate_zs(engine, tokenizer, limits[comp], args))
+                        zs = cache.put("zeroshot", zs_keys[comp], evaluate_zs(engine, tokenizer, limits[comp], args,
+                                                                              cache, zs_keys[comp]))
+                        drop_task_parts(cache, zs_keys[comp], args.tasks)
                 log.info("%s / %s: PPL %.3f, zero-shot %s", method, comp, row["ppl"]["ppl"],
                          zs["average"] if zs else None)
             rows.append(dict(row, zeroshot=zs) if zs else row)

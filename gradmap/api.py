@@ -242,9 +242,8 @@ def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, meth
     if resume is not None and method != "gradmap":
         raise ValueError(f"resume: only method 'gradmap' records resumable decisions, got method {method!r}")
     default_check = verify_top is None and method == "gradmap"  # sized once the layer count is known (below)
-    if verify_top is None:  # the default: GradMAP's loss check on, nothing for the baselines
-        verify_top = 2 if default_check else 0
-    if isinstance(verify_top, bool) or not isinstance(verify_top, int) or verify_top < 0:
+    if verify_top is not None and (isinstance(verify_top, bool) or not isinstance(verify_top, int)
+                                   or verify_top < 0):
         raise ValueError(f"verify_top: must be an integer >= 0, got {verify_top!r}")
     if verify_top and method != "gradmap":
         raise ValueError(f"verify_top: applies to method 'gradmap' only, got method {method!r}")
@@ -254,14 +253,8 @@ def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, meth
     if verify_margin is not None and (isinstance(verify_margin, bool) or not isinstance(verify_margin, (int, float))
                                       or not math.isfinite(verify_margin) or verify_margin < 0):
         raise ValueError(f"verify_margin: must be a finite number >= 0 (None: no margin), got {verify_margin!r}")
-    if (verify_windows is not None or verify_margin is not None) and verify_top < 2:
-        raise ValueError("verify_windows/verify_margin: apply to the loss check, which needs verify_top >= 2")
-    if verify_top >= 2 and verify_windows is None:
-        verify_windows = default_verify_windows(calibration.nsamples, calibration.seqlen)
     if not isinstance(verify_extend, bool):
         raise ValueError(f"verify_extend: must be True or False, got {verify_extend!r}")
-    if verify_extend and verify_top < 2:
-        raise ValueError("verify_extend: applies to the loss check, which needs verify_top >= 2")
     if isinstance(model, nn.Module):
         if max_memory is not None or device is not None or dtype is not None:
             raise ValueError("max_memory/device/dtype: apply to a model given by path; a module computes where it is "
@@ -273,9 +266,14 @@ def _check_arguments(model, calibration: Calibration, *, num_layers, ratio, meth
             raise ValueError("inplace: applies to a model given as an nn.Module")
         config = read_config(resolve_model_path(model))  # the config alone: no weights read before the checks
     limits = ModelLimits.from_config(config)
-    if default_check:
-        verify_top = default_verify_top(limits.num_layers)
-        verify_top = verify_top if verify_top >= 2 else 0  # a one-layer model: nothing to compare
+    if verify_top is None:  # the default: GradMAP's loss check (none on a one-layer model), nothing for the baselines
+        verify_top = default_verify_top(limits.num_layers) if default_check else 0
+    if (verify_windows is not None or verify_margin is not None) and verify_top < 2:
+        raise ValueError("verify_windows/verify_margin: apply to the loss check, which needs verify_top >= 2")
+    if verify_extend and verify_top < 2:
+        raise ValueError("verify_extend: applies to the loss check, which needs verify_top >= 2")
+    if verify_top >= 2 and verify_windows is None:
+        verify_windows = default_verify_windows(calibration.nsamples, calibration.seqlen)
     if max_ppl_increase is not None:
         if holdout is None:
             raise ValueError("max_ppl_increase: needs held-out calibration windows (holdout=...), disjoint from the "

@@ -452,8 +452,7 @@ def _verify_top(args, num_layers: int) -> int:
     (:func:`gradmap.methods.gradmap.default_verify_top`), 0 for the baselines."""
     if args.verify_top is not None:
         return args.verify_top
-    top = default_verify_top(num_layers) if args.method == "gradmap" else 0
-    return top if top >= 2 else 0  # a one-layer model: nothing to compare
+    return default_verify_top(num_layers) if args.method == "gradmap" else 0
 
 
 def _run_settings(args, parallel_world: int, num_layers: int) -> RunSettings:

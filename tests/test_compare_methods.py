@@ -112,3 +112,37 @@ def test_interrupted_sleb_resumes_from_its_recorded_decisions(tmp_path):
     # decisions 2 and 3 re-scored as in the straight run, plus the forward of the layers before the replayed removal
     # (the straight run resumed after it): more than the straight run, by at most one forward of the pruned view
     assert 0 < resumed["passes"] - straight["passes"] <= 1.0
+
+
+def test_zero_shot_row_resumes_per_task(tmp_path, monkeypatch):
+    """A row's zero-shot run restarts at its first unfinished task: finished tasks come from their cached records,
+    the merged average is the mean of the tasks' headline metrics, and the per-task records go once merged."""
+    script = load_script()
+    from gradmap.zeroshot import ZeroShotResult
+
+    calls = []
+
+    def fake_eval(model, tokenizer, tasks, *, limit, batch_size):
+        (task,) = tasks
+        calls.append((task, limit))
+        acc = {"piqa": 0.5, "boolq": 0.75}[task]
+        return ZeroShotResult(tasks={task: {"acc": acc, "acc_stderr": 0.01, "acc_norm": None, "acc_norm_stderr": None,
+                                            "n": limit, "headline": "acc", "seconds": 2.0}},
+                              average=acc, limit=limit, seconds=3.0, versions={"lm_eval": "x"})
+
+    monkeypatch.setattr(script, "materialize_pruned", lambda weights, view: "model")
+    monkeypatch.setattr(script, "evaluate_zero_shot", fake_eval)
+    cache = script.Cache(tmp_path, fresh=False)
+    key = {"row": "r", "zeroshot_limit": 7}
+    cache.put("zeroshot-task", dict(key, task="piqa"), {  # piqa finished before the stop, at 0.25
+        "tasks": {"piqa": {"acc": 0.25, "acc_stderr": 0.02, "n": 7, "headline": "acc", "seconds": 1.0}},
+        "average": 0.25, "limit": 7, "seconds": 1.5, "versions": {"lm_eval": "x"}, "scorer": "shared-context"})
+    args = script.parse_args(["--tasks", "piqa,boolq"])
+    engine = type("E", (), {"weights": None, "view": None})()
+    merged = script.evaluate_zs(engine, None, 7, args, cache, key)
+    assert calls == [("boolq", 7)]  # piqa not run again
+    assert merged["average"] == (0.25 + 0.75) / 2 and list(merged["tasks"]) == ["piqa", "boolq"]
+    assert merged["seconds"] == 1.5 + 3.0 and merged["scorer"] == "shared-context"
+    assert len(list((tmp_path / "cache").glob("zeroshot-task-*.json"))) == 2
+    script.drop_task_parts(cache, key, args.tasks)
+    assert not list((tmp_path / "cache").glob("zeroshot-task-*.json"))

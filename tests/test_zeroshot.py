@@ -97,10 +97,14 @@ def _reference(model, tokenizer, task: str, limit: int) -> list[dict]:
     return out
 
 
-def test_accuracy_matches_manual_loglikelihood(long_tiny_model, tiny_tokenizer):
+@pytest.mark.parametrize("shared_context", [True, False], ids=["shared-context", "lm-eval-hflm"])
+def test_accuracy_matches_manual_loglikelihood(long_tiny_model, tiny_tokenizer, shared_context):
+    """Both scorers (gradmap.loglikelihood's shared contexts, the default; lm-eval's own HFLM) against prompts built
+    as the task definitions state them and scored by one plain forward per pair in float64 log-softmax."""
     before = {k: v.clone() for k, v in long_tiny_model.state_dict().items()}
     long_tiny_model.train()
-    result = evaluate_zero_shot(long_tiny_model, tiny_tokenizer, TASKS, limit=LIMIT, batch_size=4, log_samples=True)
+    result = evaluate_zero_shot(long_tiny_model, tiny_tokenizer, TASKS, limit=LIMIT, batch_size=4, log_samples=True,
+                                shared_context=shared_context)
     assert long_tiny_model.training  # mode restored
     assert all(torch.equal(before[k], v) for k, v in long_tiny_model.state_dict().items())
     long_tiny_model.eval()

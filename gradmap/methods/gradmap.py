@@ -116,14 +116,15 @@ PPL on both models (docs/metric_selection.md)."""
 
 def default_verify_top(num_layers: int) -> int:
     """Shortlist size of the default loss check for a model of ``num_layers`` decoder layers:
-    ``min(DEFAULT_VERIFY_TOP, num_layers)`` (:data:`DEFAULT_VERIFY_TOP` = 3).
+    ``min(DEFAULT_VERIFY_TOP, num_layers)`` (:data:`DEFAULT_VERIFY_TOP` = 3), and 0 (no check: the metric alone) for a
+    one-layer model, where there is nothing to compare.
 
     Raises:
         ValueError: ``num_layers`` < 1.
     """
     if num_layers < 1:
         raise ValueError(f"default_verify_top: need num_layers >= 1, got {num_layers}")
-    return min(DEFAULT_VERIFY_TOP, num_layers)
+    return min(DEFAULT_VERIFY_TOP, num_layers) if num_layers >= 2 else 0
 
 
 VERIFY_FRACTION = 8
