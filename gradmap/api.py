@@ -316,6 +316,7 @@ def _open(model, calibration: Calibration, spec: _Spec, *, parallel: DataParalle
     plan_settings = RunSettings(nsamples=calibration.nsamples, seqlen=calibration.seqlen, micro_batch=s["micro_batch"],
                                 world_size=parallel.world_size, compensate=s["compensate"] != "none",
                                 folds=spec.folds, candidates=s["verify_top"] or (1 if s["method"] == "gradmap" else 2),
+                                candidate_windows=s["verify_windows"] if s["verify_top"] >= 2 else None,
                                 eval_seqlen=s["eval_seqlen"] if eval_tokens is not None else None)
     run_device = torch.device(device) if device is not None else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))

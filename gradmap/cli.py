@@ -43,7 +43,7 @@ from .engine.memory import GiB, ModelShape, RunSettings, plan_run
 from .engine.allocator import return_large_blocks_to_os
 from .evaluation import perplexity
 from .export_gguf import export_gguf, roundtrip_check
-from .methods.gradmap import default_verify_top
+from .methods.gradmap import default_verify_top, default_verify_windows
 from .methods.metrics import layer_scores
 from .models import (NAMED_MODELS, check_model_dir, default_dtype, load_model, parse_dtype, read_config,
                      resolve_model_path)
@@ -457,10 +457,13 @@ def _verify_top(args, num_layers: int) -> int:
 
 def _run_settings(args, parallel_world: int, num_layers: int) -> RunSettings:
     compensating = args.compensate != "none"
+    top = _verify_top(args, num_layers)
+    check_windows = (getattr(args, "verify_windows", None) or default_verify_windows(args.nsamples, args.seqlen)
+                     if top >= 2 else None)
     return RunSettings(nsamples=args.nsamples, seqlen=args.seqlen, micro_batch=args.micro_batch,
                        world_size=parallel_world, compensate=compensating,
                        folds=(args.folds or min(4, args.nsamples)) if compensating else 1,
-                       candidates=_verify_top(args, num_layers) or (1 if args.method == "gradmap" else 2),
+                       candidates=top or (1 if args.method == "gradmap" else 2), candidate_windows=check_windows,
                        eval_seqlen=None if args.no_eval else args.eval_seqlen)
 
 

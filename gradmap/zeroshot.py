@@ -205,17 +205,25 @@ def task_config(task: str, data_dir: str | Path | None = None) -> dict:
 def _shared_context_lm():
     """lm-eval's ``HFLM`` with its scoring step (``_loglikelihood_tokens``, the ``TemplateLM`` extension point)
     replaced by :func:`gradmap.loglikelihood.score_requests`: requests with the same context tokens are scored
-    together, the context once, many contexts per forward pass. Tokenization (``_encode_pair``, the BOS/prefix rules), task logic and metrics
-    stay lm-eval's. Built on first use because lm-eval is an optional dependency."""
+    together, the context once, many contexts per forward pass. Tokenization (``_encode_pair``, the BOS/prefix rules),
+    task logic and metrics stay lm-eval's. A model whose forward rejects the arguments it needs (``TypeError``) is
+    scored by HFLM's own step, with a warning, and the instance's ``fell_back`` is set. Built on first use because
+    lm-eval is an optional dependency."""
     from lm_eval.models.huggingface import HFLM
 
     class SharedContextHFLM(HFLM):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
-                      desc="Scoring continuations (shared contexts)") as bar:
-                out = score_requests(self.model, [(c, y) for _, c, y in requests], max_length=self.max_length,
-                                     pad_token_id=pad, progress=bar.update)
+            try:
+                with tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                          desc="Scoring continuations (shared contexts)") as bar:
+                    out = score_requests(self.model, [(c, y) for _, c, y in requests], max_length=self.max_length,
+                                         pad_token_id=pad, progress=bar.update)
+            except TypeError as exc:  # a forward without cache/logits_to_keep (custom code): lm-eval's own scoring
+                log.warning("shared-context scoring unsupported by %s (%s); using lm-eval's per-pair scoring",
+                            type(self.model).__name__, exc)
+                self.fell_back = True
+                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
             for (key, _, _), answer in zip(requests, out):
                 if key is not None:
                     self.cache_hook.add_partial("loglikelihood", key, answer)
@@ -326,7 +334,8 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: str | Iterable[str] =
     headline = [per_task[t][HEADLINE[t]] for t in names]
     return ZeroShotResult(tasks=per_task, average=sum(headline) / len(headline), limit=limit,
                           seconds=time.perf_counter() - start, versions=_versions(),
-                          scorer="shared-context" if shared_context else "lm-eval-hflm",
+                          scorer="lm-eval-hflm" if not shared_context or getattr(lm, "fell_back", False)
+                          else "shared-context",
                           samples=samples if log_samples else None)
 
 

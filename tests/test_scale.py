@@ -128,6 +128,13 @@ def test_plan_sizes_by_hand():
     selection = 2 * state + plan.activations_backward + plan.lm_head + 4 * 4
     stage2 = plan.gram + 64 * 128 * 4 + plan.activations_forward + plan.lm_head
     assert plan.peak_device == plan.weights_total + plan.boundary_states + max(selection, stage2)
+    # the loss check of 3 candidates holds 2 more resumed streams: of all 8 windows, or of the check's 2 windows only
+    full = plan_run(shape, RunSettings(nsamples=8, seqlen=32, micro_batch=4, folds=4, logits_chunk=16, candidates=3),
+                    device=torch.device("cpu"), dtype=torch.float32)
+    subset = plan_run(shape, RunSettings(nsamples=8, seqlen=32, micro_batch=4, folds=4, logits_chunk=16, candidates=3,
+                                         candidate_windows=2), device=torch.device("cpu"), dtype=torch.float32)
+    assert full.boundary_states == 10 * state + 2 * state
+    assert subset.boundary_states == 10 * state + 2 * (2 * 32 * 64 * 4)
     # a cap of the outer unit + 2 layers + 1 more layer: one layer resident, three stream
     cap = (128064 + 3 * 41088) * 4
     capped = plan_run(shape, settings, device=torch.device("cpu"), dtype=torch.float32, max_memory=cap)

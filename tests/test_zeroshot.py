@@ -204,3 +204,18 @@ def test_smollm2_first_20_items():
     assert (piqa["acc"], piqa["acc_norm"]) == (pytest.approx(14 / 20), pytest.approx(14 / 20))
     assert (arc["acc"], arc["acc_norm"]) == (pytest.approx(9 / 20), pytest.approx(8 / 20))
     assert result.average == pytest.approx((14 / 20 + 8 / 20) / 2)
+
+
+def test_unsupported_forward_falls_back_to_lm_eval(long_tiny_model, tiny_tokenizer, monkeypatch):
+    """A model whose forward rejects the shared-context arguments (TypeError) is scored by lm-eval's own HFLM step:
+    the same numbers as shared_context=False, recorded as that scorer."""
+    plain = evaluate_zero_shot(long_tiny_model, tiny_tokenizer, ("piqa",), limit=2, shared_context=False)
+
+    def unsupported(*args, **kwargs):
+        raise TypeError("forward() got an unexpected keyword argument 'cache'")
+
+    monkeypatch.setattr(zeroshot, "score_requests", unsupported)
+    result = evaluate_zero_shot(long_tiny_model, tiny_tokenizer, ("piqa",), limit=2)
+    assert result.scorer == "lm-eval-hflm" and plain.scorer == "lm-eval-hflm"
+    assert result.tasks["piqa"]["acc"] == plain.tasks["piqa"]["acc"]
+    assert result.tasks["piqa"]["acc_norm"] == plain.tasks["piqa"]["acc_norm"]

@@ -144,6 +144,7 @@ class RunSettings:
     folds: int = 4
     stride: int = 1
     candidates: int = 1  # resumed streams alive at once (leave-one-out searches hold more)
+    candidate_windows: int | None = None  # windows each extra resumed stream carries (the loss check's subset); None: all
     eval_seqlen: int | None = None
     logits_chunk: int | None = None  # LM-head rows per chunk (None: the fused loss's own default for the vocabulary)
 
@@ -251,6 +252,9 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
     largest = max(layer_bytes, default=0)
     tokens = math.ceil(settings.nsamples / settings.world_size) * settings.seqlen
     state = tokens * shape.hidden * item
+    candidate_state = state if settings.candidate_windows is None else (
+        math.ceil(min(settings.candidate_windows, settings.nsamples) / settings.world_size) * settings.seqlen
+        * shape.hidden * item)
     n = shape.num_layers
     gradients = 2 * state
     fwd, bwd = _activation_bytes(shape, settings, item)
@@ -269,7 +273,7 @@ def plan_run(shape: ModelShape, settings: RunSettings, *, device: torch.device, 
         live = (math.ceil(n / stride) + 1) * state  # positions 0, stride, 2·stride, ... and the final one
         dense = live if settings.compensate else 0  # the dense trajectory kept for stage 2
         segment = (stride - 1) * state if stride > 1 else 0  # a recomputed segment in flight
-        return live + dense + segment + max(settings.candidates - 1, 0) * state
+        return live + dense + segment + max(settings.candidates - 1, 0) * candidate_state
 
     # (2) weights: fill what the budget leaves after the fixed working set (on CPU the budget is for weights only)
     if device.type == "cuda":
