@@ -426,8 +426,8 @@ def test_verify_extend_checks_on_while_the_best_is_the_last(monkeypatch):
 
 
 def test_default_verify_top_by_hand():
-    """min(3, num_layers): 30 -> 3, 18 -> 3, 2 -> 2, 1 -> 1."""
-    assert [default_verify_top(n) for n in (30, 18, 2, 1)] == [3, 3, 2, 1]
+    """min(3, num_layers), and 0 (no check) for one layer: 30 -> 3, 18 -> 3, 2 -> 2, 1 -> 0."""
+    assert [default_verify_top(n) for n in (30, 18, 2, 1)] == [3, 3, 2, 0]
     with pytest.raises(ValueError, match="default_verify_top"):
         default_verify_top(0)
 
